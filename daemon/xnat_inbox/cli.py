@@ -1,0 +1,107 @@
+"""The `xnat-inbox` command."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from . import __version__
+from .config import DEFAULT_CONFIG_PATH, ConfigError, SiteConfig, load_config
+from .logs import configure
+
+EXAMPLES = """\
+examples:
+  xnat-inbox check                                 validate config and route.yaml files, C-ECHO
+  xnat-inbox explain /srv/inbox/scanner/MR_0042    how a folder would be grouped and routed
+  xnat-inbox --config ./config.yaml run            watch the inboxes (what systemd runs)
+  xnat-inbox demo                                  a local receiver, an inbox, a real drop
+
+exit codes: 0 success, 1 a check or delivery failed, 2 unusable config or arguments
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xnat-inbox",
+        description="Watch inboxes for DICOM drops and deliver them to XNAT by C-STORE.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"xnat-inbox {__version__}")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
+                        help=f"site config file (default {DEFAULT_CONFIG_PATH})")
+    parser.add_argument("--log-format", choices=("console", "json"), default="console",
+                        help="console lines for a terminal, or JSON lines for files")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("run", help="watch the inboxes and deliver drops until stopped")
+    commands.add_parser("check", help="validate the config and every route.yaml; "
+                        "C-ECHO each DICOM destination")
+    explain = commands.add_parser("explain", help="show how a folder would be grouped, labelled, "
+                                  "filtered and where it would go; sends nothing")
+    explain.add_argument("path", type=Path, help="a drop folder, in an inbox or anywhere")
+    explain.add_argument("--inbox", type=Path, metavar="FOLDER",
+                         help="evaluate PATH as if copied into FOLDER (an inbox or a routing "
+                         "folder in one); default: where PATH is")
+    explain.add_argument("--show-phi", action="store_true",
+                         help="show labels derived from patient data instead of [PHI]")
+    demo = commands.add_parser("demo", help="generate a synthetic MR session and deliver it to an "
+                               "embedded receiver on 127.0.0.1")
+    demo.add_argument("--dir", type=Path, default=Path("demo-run"),
+                      help="working folder for the demo (default ./demo-run, emptied first)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args.dir)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"xnat-inbox: the site config is unusable:\n{exc}", file=sys.stderr)
+        return 2
+    configure(args.log_format, config.log_phi)
+    if args.command == "run":
+        return run(config)
+    if args.command == "check":
+        from .explain import check
+
+        lines, ok = check(config)
+        print("\n".join(lines))
+        return 0 if ok else 1
+    from .explain import explain
+
+    if not args.path.is_dir():
+        print(f"xnat-inbox explain: {args.path} is not a folder", file=sys.stderr)
+        return 2
+    for line in explain(config, args.path, args.show_phi, args.inbox):
+        print(line)
+    return 0
+
+
+def run(config: SiteConfig) -> int:
+    from .service import Daemon, StartupError
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, _: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        Daemon(config).run(stop)
+    except StartupError as exc:
+        print(f"xnat-inbox: cannot start: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The site config (config.yaml) and route templates (route.yaml): their schema and loading."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydicom.datadict import keyword_dict
+
+from .templates import Template, TemplateError
+from .yamlfile import ConfigError, load_yaml, validate
+
+DEFAULT_CONFIG_PATH = Path("/etc/xnat-inbox/config.yaml")
+ROUTE_FILE = "route.yaml"
+LABEL_KEYS = ("project", "subject", "session")
+
+AETitle = Annotated[
+    str, StringConstraints(min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")
+]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DicomDestination(Strict):
+    """A DICOM storage SCP, e.g. the site's XNAT DICOM receiver."""
+
+    type: Literal["dicom"]
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    called_ae: AETitle = "ANY-SCP"
+    calling_ae: AETitle = "XNAT_INBOX"
+    connect_timeout: float = Field(10.0, gt=0)
+    acse_timeout: float = Field(30.0, gt=0)
+    dimse_timeout: float = Field(60.0, gt=0)
+    network_timeout: float = Field(60.0, gt=0)
+    max_pdu: int = Field(131072, ge=0, description="our maximum receive PDU; 0 = unlimited")
+
+
+Destination = Annotated[DicomDestination, Field(discriminator="type")]
+
+
+class SeriesFilter(Strict):
+    """Regular expressions over series attributes (XNAT's "Series Import Filters")."""
+
+    include: dict[str, re.Pattern[str]] = {}
+    exclude: dict[str, re.Pattern[str]] = {}
+
+    @field_validator("include", "exclude", mode="before")
+    @classmethod
+    def _compile(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        compiled = {}
+        for keyword, pattern in value.items():
+            if keyword not in keyword_dict:
+                raise ValueError(f"{keyword!r} is not a DICOM keyword (e.g. SeriesDescription)")
+            try:
+                compiled[keyword] = re.compile(str(pattern))
+            except re.error as exc:
+                raise ValueError(f"{keyword}: invalid regular expression {pattern!r}: {exc}") from None
+        return compiled
+
+
+class RouteTemplate(Strict):
+    """One route.yaml (or an inbox's inline route): every key optional, children override."""
+
+    destination: str | None = None
+    project: Template | None = None
+    subject: Template | None = None
+    session: Template | None = None
+    clean_labels: bool | None = None
+    routing_field: Literal["study_description", "patient_comments"] | None = None
+    ignore_unparsable: bool | None = None
+    series: SeriesFilter | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    @field_validator("project", "subject", "session", mode="before")
+    @classmethod
+    def _parse_template(cls, value: Any) -> Any:
+        if value is None or isinstance(value, Template):
+            return value
+        if not isinstance(value, str | int):
+            raise ValueError("expected a label or a template string such as \"{PatientID}\"")
+        try:
+            return Template.parse(str(value))
+        except TemplateError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("destination")
+    @classmethod
+    def _known_destination(cls, value: str | None, info: ValidationInfo) -> str | None:
+        known = (info.context or {}).get("destinations")
+        if value is not None and known is not None and value not in known:
+            names = ", ".join(sorted(known)) or "none are configured"
+            raise ValueError(f"unknown destination {value!r}; the site config defines: {names}")
+        return value
+
+    def merged_over(self, parent: RouteTemplate) -> RouteTemplate:
+        """This route's keys, falling back to `parent`'s for keys it leaves out."""
+        own = {key: value for key, value in self if value is not None}
+        return parent.model_copy(update=own)
+
+
+class InboxConfig(Strict):
+    path: Path
+    poll: Literal["auto"] | bool = "auto"
+    poll_interval: float = Field(2.0, gt=0)
+    settle_seconds: float | None = Field(None, ge=0)
+    ready_marker: str | None = Field(None, min_length=1, pattern=r"^[^/]+$")
+    done_dir: Path | None = None
+    failed_dir: Path | None = None
+    route: RouteTemplate | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError(f"expected an absolute path, got {str(value)!r}")
+        return value
+
+    @property
+    def done(self) -> Path:
+        return self.done_dir or self.path / "done"
+
+    @property
+    def failed(self) -> Path:
+        return self.failed_dir or self.path / "failed"
+
+    @property
+    def work(self) -> Path:
+        # inside the inbox, so the claim rename stays on one file system
+        return self.path / ".xnat-inbox" / "work"
+
+    def reserved(self) -> tuple[Path, ...]:
+        """Folders in or beside the inbox that hold our own files and are never drops."""
+        return (self.path / ".xnat-inbox", self.done, self.failed)
+
+
+class SiteConfig(Strict):
+    state_dir: Path
+    settle_seconds: float = Field(30.0, ge=0)
+    log_phi: bool = False
+    workers: int = Field(2, ge=1, le=32)
+    destinations: dict[str, Destination] = Field(min_length=1)
+    inboxes: list[InboxConfig] = Field(min_length=1)
+    source: Path = Field(Path("config.yaml"), exclude=True)
+
+    @model_validator(mode="after")
+    def _inboxes_are_distinct(self) -> SiteConfig:
+        paths = [inbox.path.resolve() for inbox in self.inboxes]
+        for i, path in enumerate(paths):
+            for j, other in enumerate(paths):
+                if i != j and (path == other or other in path.parents):
+                    raise ValueError(f"inboxes[{i}].path {path} lies inside inboxes[{j}].path {other}")
+        return self
+
+    def settle_for(self, inbox: InboxConfig) -> float:
+        return self.settle_seconds if inbox.settle_seconds is None else inbox.settle_seconds
+
+
+def load_config(path: Path) -> SiteConfig:
+    """Read and validate the site config; raises ConfigError naming file, line and key."""
+    data, lines = load_yaml(path)
+    names = data.get("destinations") if isinstance(data, dict) else None
+    context = {"destinations": set(names) if isinstance(names, dict) else None}
+    config = validate(SiteConfig, data, path, lines, context)
+    return config.model_copy(update={"source": path})
+
+
+def load_route(path: Path, destinations: set[str] | None) -> RouteTemplate:
+    """Read one route.yaml; `destinations` are the names its `destination` may take."""
+    data, lines = load_yaml(path)
+    return validate(RouteTemplate, data, path, lines, {"destinations": destinations})
+
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "LABEL_KEYS",
+    "ROUTE_FILE",
+    "ConfigError",
+    "Destination",
+    "DicomDestination",
+    "InboxConfig",
+    "RouteTemplate",
+    "SeriesFilter",
+    "SiteConfig",
+    "load_config",
+    "load_route",
+]

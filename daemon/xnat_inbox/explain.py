@@ -1,0 +1,121 @@
+"""`xnat-inbox explain` and `check`: how a folder would be handled, and whether the set-up works,
+without sending anything (check only C-ECHOes)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+from .claim import ClaimedDrop
+from .config import ROUTE_FILE, ConfigError, InboxConfig, SiteConfig, load_route
+from .logs import phi_pattern, redact
+from .route import RouteError, filter_reason, resolve_route, route_study
+from .scan import Kind, scan_drop
+from .senders import SendError, make_sender
+from .watch import is_routing_folder
+
+
+def inbox_for(config: SiteConfig, path: Path) -> InboxConfig | None:
+    resolved = path.resolve()
+    for inbox in config.inboxes:
+        if inbox.path.resolve() in resolved.parents or inbox.path.resolve() == resolved:
+            return inbox
+    return None
+
+
+def explain(config: SiteConfig, path: Path, show_phi: bool = False,
+            as_if_in: Path | None = None) -> Iterator[str]:
+    """Describe `path` as a drop of the inbox holding it, or as if dropped into `as_if_in`."""
+    path = path.resolve()
+    if as_if_in is not None:
+        inbox = inbox_for(config, as_if_in)
+        origin = as_if_in.resolve()
+    else:
+        inbox, origin = inbox_for(config, path), path.parent
+    if inbox is None:
+        yield (f"{as_if_in or path} is not in a configured inbox; name one with --inbox, "
+               f"e.g. --inbox {config.inboxes[0].path}")
+        return
+    drop = ClaimedDrop("explain", inbox, origin, path.name, False, datetime.now().astimezone())
+    scan = scan_drop(path, inbox.ready_marker)
+    phi = None if show_phi else phi_pattern(scan.phi)
+    yield f"Drop {path}  ({{folder}}={drop.name}, {{parent}}={drop.origin.name})"
+    kinds = ", ".join(f"{kind.value} {len(scan.of_kind(kind))}" for kind in Kind if scan.of_kind(kind))
+    yield f"Files: {len(scan.files)} ({kinds or 'none'})"
+    for entry in scan.files:
+        if entry.kind is not Kind.DICOM:
+            yield f"  {entry.kind.value:<10} {entry.rel}: {entry.reason}"
+    try:
+        route = resolve_route(drop, set(config.destinations))
+    except RouteError as exc:
+        yield f"Route: none usable: {exc}"
+        return
+    yield f"Route: destination {route.destination} (from {', '.join(route.sources)})"
+    for number, study in enumerate(scan.studies.values(), 1):
+        routed = route_study(study, route, drop)
+        yield (f"Study {number}: {study.uid}: {len(study.instances)} instance(s) in "
+               f"{len(study.series)} series")
+        if routed.labels:
+            labels = routed.labels
+            yield redact(f"  labels: project={labels.project} subject={labels.subject} "
+                         f"session={labels.session}", phi)
+            yield redact(f"  routing: {routed.routing_keyword} = {routed.routing_value}", phi)
+        for series in study.series.values():
+            reason = filter_reason(series, route.template.series)
+            verdict = f"excluded: {reason}" if reason else "send"
+            yield (f"  series {series.number or '?':>4} {series.description!r} {series.modality} "
+                   f"{len(series.instances)} instance(s): {verdict}")
+        for problem in routed.problems:
+            yield redact(f"  NOT SENT: {problem}", phi)
+        if not routed.problems:
+            yield f"  would send {len(routed.instances)} instance(s) to {routed.destination}"
+    if not scan.studies:
+        yield "No DICOM studies: the drop would go to failed/."
+    if phi is not None and scan.phi:
+        yield "(values derived from patient data are shown as [PHI]; --show-phi shows them)"
+
+
+def check(config: SiteConfig) -> tuple[list[str], bool]:
+    """Validate every route.yaml and reach every destination; returns lines and success."""
+    lines, ok = [f"config {config.source}: valid"], True
+    names = set(config.destinations)
+    for inbox in config.inboxes:
+        if not inbox.path.is_dir():
+            lines.append(f"FAIL inbox {inbox.path}: not a folder")
+            ok = False
+            continue
+        for route_file in route_files(inbox):
+            try:
+                load_route(route_file, names)
+                lines.append(f"ok   {route_file}")
+            except ConfigError as exc:
+                lines.append(f"FAIL {exc}")
+                ok = False
+    for name, destination in config.destinations.items():
+        try:
+            lines.append(f"ok   destination {name}: {make_sender(name, destination).check()}")
+        except SendError as exc:
+            lines.append(f"FAIL destination {name}: {exc}")
+            ok = False
+    return lines, ok
+
+
+def route_files(inbox: InboxConfig) -> Iterator[Path]:
+    """The route.yaml of the inbox and of every routing folder below it."""
+    pending = [inbox.path]
+    while pending:
+        folder = pending.pop()
+        if (folder / ROUTE_FILE).is_file():
+            yield folder / ROUTE_FILE
+        try:
+            children = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError:
+            continue
+        reserved = set(inbox.reserved())
+        for child in children:
+            path = Path(child.path)
+            if child.is_dir(follow_symlinks=False) and path not in reserved and \
+                    is_routing_folder(path):
+                pending.append(path)

@@ -1,0 +1,154 @@
+"""structlog set-up: small processors that keep PHI out and copy each drop's events to its log."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import sys
+from collections.abc import Iterable, Iterator, MutableMapping
+from contextvars import ContextVar
+from typing import Any, Literal
+
+import structlog
+
+LogFormat = Literal["console", "json"]
+REDACTED = "[PHI]"
+#: keys whose values are PHI whatever they hold; dropped from events unless log_phi
+PHI_KEYS = frozenset({"patient_name", "patient_id", "birth_date", "PatientName", "PatientID",
+                      "PatientBirthDate"})
+
+_phi_pattern: ContextVar[re.Pattern[str] | None] = ContextVar("phi_pattern", default=None)
+_drop_lines: ContextVar[list[str] | None] = ContextVar("drop_lines", default=None)
+_log_phi = False
+
+
+def get_logger(**bound: Any) -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger("xnat_inbox", **bound)
+
+
+def configure(log_format: LogFormat = "console", log_phi: bool = False,
+              stream: Any = None) -> None:
+    """Set up structlog (and route pynetdicom's warnings through it) for the whole process."""
+    global _log_phi
+    _log_phi = log_phi
+    stream = stream or sys.stderr
+    renderer: Any = (
+        structlog.processors.JSONRenderer(sort_keys=False)
+        if log_format == "json"
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False)
+    )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=False),
+        redact_phi,
+        structlog.processors.format_exc_info,
+        copy_to_drop_log,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        foreign_pre_chain=shared,
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    # pynetdicom's own warnings (e.g. an unexpected DIMSE message) must not stay hidden
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def redact_phi(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Drop PHI keys and mask the current drop's PHI values wherever they appear."""
+    if _log_phi:
+        return event
+    for key in PHI_KEYS & event.keys():
+        event[key] = REDACTED
+    pattern = _phi_pattern.get()
+    if pattern is not None:
+        for key, value in event.items():
+            event[key] = _mask(value, pattern)
+    return event
+
+
+def _mask(value: Any, pattern: re.Pattern[str]) -> Any:
+    if isinstance(value, str):
+        return pattern.sub(REDACTED, value)
+    if isinstance(value, list | tuple):
+        return type(value)(_mask(item, pattern) for item in value)
+    if isinstance(value, dict):
+        return {key: _mask(item, pattern) for key, item in value.items()}
+    return value
+
+
+def phi_variants(values: Iterable[str]) -> set[str]:
+    """The forms a PHI value takes in labels and paths: raw, cleaned, name components."""
+    variants: set[str] = set()
+    for value in values:
+        value = value.strip()
+        if not value:
+            continue
+        variants.update({value, re.sub(r"[^A-Za-z0-9_-]", "_", value)})
+        variants.update(part for part in re.split(r"[\^ =]+", value) if len(part) >= 3)
+    return {variant for variant in variants if len(variant.strip("_")) >= 2}
+
+
+def phi_pattern(values: Iterable[str]) -> re.Pattern[str] | None:
+    variants = sorted(phi_variants(values), key=len, reverse=True)
+    if not variants:
+        return None
+    alternatives = "|".join(re.escape(variant) for variant in variants)
+    return re.compile(rf"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])")
+
+
+def redact(value: Any, pattern: re.Pattern[str] | None) -> Any:
+    """Mask PHI in strings (also nested in lists and dicts) bound for a report or a terminal,
+    unless the site allows PHI."""
+    if _log_phi or pattern is None:
+        return value
+    return _mask(value, pattern)
+
+
+@contextlib.contextmanager
+def phi_scope(pattern: re.Pattern[str] | None) -> Iterator[None]:
+    """While active, events logged from this thread have these PHI values masked."""
+    token = _phi_pattern.set(pattern)
+    try:
+        yield
+    finally:
+        _phi_pattern.reset(token)
+
+
+def copy_to_drop_log(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    lines = _drop_lines.get()
+    if lines is not None:
+        lines.append(_plain_line(event))
+    return event
+
+
+def _plain_line(event: MutableMapping[str, Any]) -> str:
+    skip = {"timestamp", "level", "event", "logger", "exc_info", "exception", "drop"}
+    fields = " ".join(f"{key}={value}" for key, value in event.items() if key not in skip)
+    line = f"{event.get('timestamp', '')} {event.get('level', 'info'):<7} {event.get('event', '')}"
+    line = f"{line}  {fields}" if fields else line
+    if event.get("exception"):
+        line += "\n" + str(event["exception"])
+    return line
+
+
+@contextlib.contextmanager
+def drop_log() -> Iterator[list[str]]:
+    """Collect the readable lines of every event logged for one drop (its <drop>.log)."""
+    lines: list[str] = []
+    token = _drop_lines.set(lines)
+    try:
+        yield lines
+    finally:
+        _drop_lines.reset(token)
