@@ -3,7 +3,6 @@ without sending anything (check only C-ECHOes)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -14,7 +13,7 @@ from .logs import phi_pattern, redact
 from .route import RouteError, filter_reason, resolve_route, route_study
 from .scan import Kind, scan_drop
 from .senders import SendError, make_sender
-from .watch import is_routing_folder
+from .watch import routing_folders
 
 
 def inbox_for(config: SiteConfig, path: Path) -> InboxConfig | None:
@@ -104,18 +103,6 @@ def check(config: SiteConfig) -> tuple[list[str], bool]:
 
 def route_files(inbox: InboxConfig) -> Iterator[Path]:
     """The route.yaml of the inbox and of every routing folder below it."""
-    pending = [inbox.path]
-    while pending:
-        folder = pending.pop()
+    for folder in routing_folders(inbox):
         if (folder / ROUTE_FILE).is_file():
             yield folder / ROUTE_FILE
-        try:
-            children = sorted(os.scandir(folder), key=lambda entry: entry.name)
-        except OSError:
-            continue
-        reserved = set(inbox.reserved())
-        for child in children:
-            path = Path(child.path)
-            if child.is_dir(follow_symlinks=False) and path not in reserved and \
-                    is_routing_folder(path):
-                pending.append(path)

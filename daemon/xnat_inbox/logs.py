@@ -63,6 +63,12 @@ def configure(log_format: LogFormat = "console", log_phi: bool = False,
     root.setLevel(logging.INFO)
     # pynetdicom's own warnings (e.g. an unexpected DIMSE message) must not stay hidden
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("watchdog.observers.inotify").addFilter(_quiet_watchdog_shutdown)
+
+
+def _quiet_watchdog_shutdown(record: logging.LogRecord) -> bool:
+    # watchdog logs this as an error whenever an observer stops; it means nothing
+    return "called when the thread is inactive" not in record.getMessage()
 
 
 def redact_phi(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -82,30 +82,37 @@ def drop_for_path(inbox: InboxConfig, path: Path) -> DropRef | None:
     return None  # a routing folder itself changed: its drops report their own events
 
 
-def existing_drops(inbox: InboxConfig, below: Path | None = None) -> Iterator[DropRef]:
-    """Drops already present (at start-up, or in a folder that just became a routing folder):
-    every child of every routing folder."""
+def routing_folders(inbox: InboxConfig, below: Path | None = None) -> Iterator[Path]:
+    """The inbox (or `below`) and every routing folder inside it, parents first."""
     pending = [below or inbox.path]
     reserved = set(inbox.reserved())
     while pending:
-        folder = pending.pop()
-        loose = False
+        folder = pending.pop(0)
+        yield folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError:
+            continue
+        pending.extend(Path(entry.path) for entry in entries
+                       if is_candidate(entry.name) and Path(entry.path) not in reserved
+                       and entry.is_dir(follow_symlinks=False)
+                       and is_routing_folder(Path(entry.path)))
+
+
+def existing_drops(inbox: InboxConfig, below: Path | None = None) -> Iterator[DropRef]:
+    """Drops already present (at start-up, or in a folder that just became a routing folder):
+    every child of every routing folder."""
+    for folder in routing_folders(inbox, below):
         try:
             entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
         except OSError:
             continue
         for entry in entries:
             path = Path(entry.path)
-            if not is_candidate(entry.name) or path in reserved:
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                if is_routing_folder(path):
-                    pending.append(path)
-                else:
-                    yield DropRef(inbox, folder, entry.name)
-            elif not entry.is_symlink():
-                loose = True
-        if loose:
+            if entry.is_dir(follow_symlinks=False) and is_candidate(entry.name) and \
+                    path not in inbox.reserved() and not is_routing_folder(path):
+                yield DropRef(inbox, folder, entry.name)
+        if loose_files(folder):
             yield DropRef(inbox, folder, None)
 
 
@@ -169,7 +176,8 @@ class InboxWatcher(FileSystemEventHandler):
         if self.polling:
             self._watch(self.inbox.path, recursive=True)
         else:
-            self._watch(self.inbox.path, recursive=False)
+            for folder in routing_folders(self.inbox):
+                self._watch(folder, recursive=False)
             for ref in existing_drops(self.inbox):
                 self._watch_drop(ref)
         self.observer.start()
@@ -224,7 +232,8 @@ class InboxWatcher(FileSystemEventHandler):
                 # a route.yaml turns its folder into a routing folder: its children are drops
                 ref = DropRef(self.inbox, path.parent, None)
                 if not self.polling:
-                    self._watch(path.parent, recursive=False)
+                    for folder in routing_folders(self.inbox, path.parent):
+                        self._watch(folder, recursive=False)
                     for child in existing_drops(self.inbox, path.parent):
                         self._watch_drop(child)
             if ref is None:

@@ -18,7 +18,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, build_context
+from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import code_to_category
@@ -86,22 +86,28 @@ class DicomSender:
 
     def _associate(self, contexts: list[Any]) -> Association:
         d = self.destination
-        assoc = self._ae(contexts).associate(d.host, d.port, ae_title=d.called_ae,
-                                             max_pdu=d.max_pdu)
+        connected: list[bool] = []
+        assoc = self._ae(contexts).associate(
+            d.host, d.port, ae_title=d.called_ae, max_pdu=d.max_pdu,
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda _: connected.append(True))])
         if not assoc.is_established:
-            raise SendError(self._refusal(assoc))
+            raise SendError(self._refusal(assoc, bool(connected)))
         _tune(assoc)
         return assoc
 
-    def _refusal(self, assoc: Association) -> str:
+    def _refusal(self, assoc: Association, connected: bool) -> str:
+        if not connected:
+            return (f"no DICOM receiver answered at {self.destination.host}:"
+                    f"{self.destination.port} (connection refused or timed out after "
+                    f"{self.destination.connect_timeout:g} s); check the receiver is running and "
+                    "host/port in the site config")
         if assoc.is_rejected:
             return f"association rejected by {self.where}: {_rejection_reason(assoc)}; " \
                    "check called_ae/calling_ae against the receiver's configuration"
         if assoc.is_aborted:
             return f"association aborted by {self.where} during negotiation"
-        return (f"no DICOM receiver answered at {self.destination.host}:{self.destination.port} "
-                f"(connection refused or timed out after {self.destination.connect_timeout:g} s); "
-                "check the receiver is running and host/port in the site config")
+        return (f"{self.where} accepted the connection but did not answer the association "
+                f"request within acse_timeout {self.destination.acse_timeout:g} s")
 
     def check(self) -> str:
         assoc = self._associate([build_context(Verification)])

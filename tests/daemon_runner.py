@@ -1,0 +1,110 @@
+"""Run the real daemon (`python -m xnat_inbox run`) as a subprocess, stopped by its PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+
+from tests.peers import pid_exists
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path: Path, destinations: dict[str, Any], inboxes: list[dict[str, Any]],
+                 **settings: Any) -> Path:
+    """A site config in tmp_path; inbox paths are created."""
+    config = {"state_dir": str(tmp_path / "state"), "settle_seconds": 0.5, **settings,
+              "destinations": destinations, "inboxes": inboxes}
+    for inbox in inboxes:
+        Path(inbox["path"]).mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def dicom_destination(peer: Any, **extra: Any) -> dict[str, Any]:
+    return {"type": "dicom", "host": peer.host, "port": peer.port, "called_ae": peer.aet,
+            "dimse_timeout": 10, "acse_timeout": 10, "connect_timeout": 3, **extra}
+
+
+class DaemonProcess:
+    def __init__(self, config: Path, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, inboxes: int = 1, timeout: float = 20) -> Self:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "xnat_inbox", "--config", str(self.config),
+                 "--log-format", "json", "run"],
+                stdout=log, stderr=log, cwd=REPO, env=env)
+        deadline = time.monotonic() + timeout
+        while sum(e.get("event") == "watching" for e in self.events()) < inboxes:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"daemon not watching after {timeout} s:\n{self.text()}")
+            time.sleep(0.05)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, then SIGKILL; returns the exit code. The PID is gone afterwards."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        code = self.proc.returncode
+        assert not pid_exists(self.proc.pid), f"daemon PID {self.proc.pid} outlived stop()"
+        return code
+
+    def text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line a library printed directly
+        return events
+
+
+def wait_for_report(inbox: Path, name: str, timeout: float = 60,
+                    daemon: DaemonProcess | None = None) -> tuple[str, dict[str, Any], Path]:
+    """Wait until <name>.report.json appears under done/ or failed/; (outcome, report, path)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for outcome in ("done", "failed"):
+            for path in sorted((inbox / outcome).glob(f"*/{name}.report.json")):
+                return outcome, json.loads(path.read_text()), path
+        time.sleep(0.1)
+    log = daemon.text()[-4000:] if daemon else ""
+    raise AssertionError(f"no report for {name} within {timeout} s\n{log}")
+
+
+def reports(inbox: Path) -> list[Path]:
+    return sorted(inbox.glob("done/*/*.report.json")) + sorted(inbox.glob("failed/*/*.report.json"))
