@@ -25,7 +25,8 @@ ROUTE = {
 PHI = ("SUBJ001", "Doe^Jane", "Doe", "Jane", "19800101")
 
 
-def site(tmp_path: Path, peer: object, route: dict | None = None, **inbox: object) -> tuple[Path, Path]:
+def site(tmp_path: Path, peer: object, route: dict | None = None,
+         **inbox: object) -> tuple[Path, Path]:
     inbox_path = tmp_path / "inbox"
     config = write_config(
         tmp_path, {"scp": dicom_destination(peer)},
@@ -100,7 +101,8 @@ def test_orthanc_holds_study_with_labels(tmp_path, orthanc, daemon):
     assert study is not None
     assert study["MainDicomTags"]["StudyDescription"] == "xnat://Proj/SUBJ042/SUBJ042_20260115"
     assert orthanc.instance_count(session.study_uid) == 30
-    assert sorted(orthanc.series_descriptions(session.study_uid)) == ["DWI", "T1 MPRAGE", "T2 FLAIR"]
+    assert sorted(orthanc.series_descriptions(session.study_uid)) == [
+        "DWI", "T1 MPRAGE", "T2 FLAIR"]
 
 
 def test_two_studies_in_one_folder_are_sent_with_their_own_labels(tmp_path, storescp, daemon):
@@ -206,7 +208,7 @@ def test_nearest_route_yaml_wins_and_parent_is_the_routing_folder(tmp_path, stor
     write_session(tmp_path / "src" / "visit-2", series=(SeriesSpec("T1", 2),))
     proc = daemon(config)
     copy_in(tmp_path / "src" / "visit-2", project)
-    outcome, report, path = wait_for_report(inbox, "visit-2", daemon=proc)
+    outcome, report, _ = wait_for_report(inbox, "visit-2", daemon=proc)
     assert outcome == "done", report["reasons"]
     assert report["studies"][0]["routing_string"] == "xnat://StudyA/Study_A/visit-2"
     assert report["drop"]["origin"] == "Study_A/visit-2"

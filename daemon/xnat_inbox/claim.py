@@ -3,6 +3,7 @@ so late writes can't mix into a send in flight (they form a new drop instead).""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -128,7 +129,5 @@ def claimed_drops(inbox: InboxConfig) -> list[ClaimedDrop]:
 def release_area(drop: ClaimedDrop) -> None:
     """Remove the empty work folder once the drop has been moved on."""
     (drop.area / CLAIM_FILE).unlink(missing_ok=True)
-    try:
+    with contextlib.suppress(OSError):  # something unexpected is left: never delete data
         drop.area.rmdir()
-    except OSError:
-        pass  # something unexpected is still in there: leave it, never delete data

@@ -24,9 +24,9 @@ DEFAULT_CONFIG_PATH = Path("/etc/xnat-inbox/config.yaml")
 ROUTE_FILE = "route.yaml"
 LABEL_KEYS = ("project", "subject", "session")
 
-AETitle = Annotated[
-    str, StringConstraints(min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")
-]
+#: 1-16 printable ASCII characters, no backslash, not only spaces
+AETitle = Annotated[str, StringConstraints(
+    min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")]
 
 
 class Strict(BaseModel):
@@ -69,7 +69,8 @@ class SeriesFilter(Strict):
             try:
                 compiled[keyword] = re.compile(str(pattern))
             except re.error as exc:
-                raise ValueError(f"{keyword}: invalid regular expression {pattern!r}: {exc}") from None
+                raise ValueError(
+                    f"{keyword}: invalid regular expression {pattern!r}: {exc}") from None
         return compiled
 
 
@@ -126,6 +127,13 @@ class InboxConfig(Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
+    @field_validator("poll", mode="before")
+    @classmethod
+    def _poll_mode(cls, value: Any) -> Any:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError(f"expected auto, true or false, got {value!r}")
+
     @field_validator("path")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -166,7 +174,8 @@ class SiteConfig(Strict):
         for i, path in enumerate(paths):
             for j, other in enumerate(paths):
                 if i != j and (path == other or other in path.parents):
-                    raise ValueError(f"inboxes[{i}].path {path} lies inside inboxes[{j}].path {other}")
+                    raise ValueError(
+                        f"inboxes[{i}].path {path} lies inside inboxes[{j}].path {other}")
         return self
 
     def settle_for(self, inbox: InboxConfig) -> float:

@@ -41,7 +41,7 @@ def explain(config: SiteConfig, path: Path, show_phi: bool = False,
     scan = scan_drop(path, inbox.ready_marker)
     phi = None if show_phi else phi_pattern(scan.phi)
     yield f"Drop {path}  ({{folder}}={drop.name}, {{parent}}={drop.origin.name})"
-    kinds = ", ".join(f"{kind.value} {len(scan.of_kind(kind))}" for kind in Kind if scan.of_kind(kind))
+    kinds = ", ".join(f"{kind} {count}" for kind, count in scan.counts().items())
     yield f"Files: {len(scan.files)} ({kinds or 'none'})"
     for entry in scan.files:
         if entry.kind is not Kind.DICOM:

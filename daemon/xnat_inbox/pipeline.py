@@ -47,9 +47,8 @@ class Pipeline:
             report.timings["scan_seconds"] = time.monotonic() - started
             phi = phi_pattern(scan.phi)
             with phi_scope(phi):
-                counts = {kind.value: len(scan.of_kind(kind)) for kind in Kind if scan.of_kind(kind)}
                 log.info("scanned", stage="scan", files=len(scan.files), studies=len(scan.studies),
-                         **counts)
+                         **scan.counts())
                 try:
                     self._deliver(drop, report, log)
                 except Exception as exc:  # a bug must fail the drop, not lose it

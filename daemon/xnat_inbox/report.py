@@ -79,9 +79,7 @@ class DropReport:
 
     def _files(self) -> dict[str, Any]:
         entries = self.scan.files if self.scan else []
-        by_kind: dict[str, int] = {}
-        for entry in entries:
-            by_kind[entry.kind.value] = by_kind.get(entry.kind.value, 0) + 1
+        by_kind = self.scan.counts() if self.scan else {}
         outcomes = self._file_outcomes()
         listed = []
         for entry in entries:

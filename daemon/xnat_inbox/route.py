@@ -141,7 +141,8 @@ def template_values(header: Dataset, drop: ClaimedDrop, fields: set[str]) -> dic
     return values
 
 
-def render_labels(template: RouteTemplate, values: Mapping[str, str]) -> tuple[Labels | None, list[str]]:
+def render_labels(template: RouteTemplate,
+                  values: Mapping[str, str]) -> tuple[Labels | None, list[str]]:
     rendered: dict[str, str] = {}
     problems = []
     for key in LABEL_KEYS:

@@ -92,6 +92,11 @@ class ScanResult:
     def of_kind(self, *kinds: Kind) -> list[FileEntry]:
         return [entry for entry in self.files if entry.kind in kinds]
 
+    def counts(self) -> dict[str, int]:
+        """How many files of each kind, in the order of Kind."""
+        counts = {kind.value: len(self.of_kind(kind)) for kind in Kind}
+        return {kind: count for kind, count in counts.items() if count}
+
 
 def scan_drop(root: Path, ready_marker: str | None = None) -> ScanResult:
     """Classify every file under `root` and group the DICOM instances."""

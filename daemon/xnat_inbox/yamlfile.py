@@ -67,11 +67,13 @@ def validate(
     try:
         return model.model_validate(data, context=dict(context or {}))
     except ValidationError as exc:
-        problems = [_describe(error, path, lines) for error in exc.errors()]
-        raise ConfigError("\n".join(problems)) from None
+        problems = sorted((_describe(error, path, lines) for error in exc.errors()),
+                          key=lambda problem: problem[0])
+        raise ConfigError("\n".join(text for _, text in problems)) from None
 
 
-def _describe(error: Mapping[str, Any], path: Path, lines: Mapping[KeyPath, int]) -> str:
+def _describe(error: Mapping[str, Any], path: Path,
+              lines: Mapping[KeyPath, int]) -> tuple[int, str]:
     loc = tuple(part for part in error["loc"] if not _is_union_tag(part))
     line = _nearest_line(loc, lines)
     key = _dotted(loc) or "(top level)"
@@ -82,7 +84,7 @@ def _describe(error: Mapping[str, Any], path: Path, lines: Mapping[KeyPath, int]
         message = "required key is missing"
     elif message.startswith("Value error, "):
         message = message.removeprefix("Value error, ")
-    return f"{path}:{line}: {key}: {message}"
+    return line, f"{path}:{line}: {key}: {message}"
 
 
 def _is_union_tag(part: str | int) -> bool:

@@ -51,7 +51,8 @@ def context_key(instance: Instance) -> ContextKey:
     return ContextKey(instance.sop_class_uid, syntax)
 
 
-def association_batches(instances: list[Instance]) -> Iterator[tuple[list[ContextKey], list[Instance]]]:
+def association_batches(
+        instances: list[Instance]) -> Iterator[tuple[list[ContextKey], list[Instance]]]:
     """Split a study so each association needs at most MAX_CONTEXTS contexts."""
     keys: list[ContextKey] = []
     for instance in instances:
@@ -171,8 +172,9 @@ class DicomSender:
         except (RuntimeError, ValueError, AttributeError) as exc:
             return InstanceOutcome(False, None, f"C-STORE of {instance.rel} failed: {exc}")
         if not status:
+            timeout = self.destination.dimse_timeout
             return InstanceOutcome(False, None, "no C-STORE response (association aborted or "
-                                   f"no answer within dimse_timeout {self.destination.dimse_timeout:g} s)")
+                                   f"no answer within dimse_timeout {timeout:g} s)")
         return _outcome(status)
 
 

@@ -1,0 +1,89 @@
+"""C-STORE statuses, refused associations and association splitting, against an in-process
+pynetdicom SCP whose answers the test chooses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AllStoragePresentationContexts
+
+from tests.daemon_runner import dicom_destination, wait_for_report, write_config
+from tests.test_e2e_cstore import ROUTE, copy_in
+from xnat_inbox.senders.dicom import MAX_CONTEXTS
+from xnat_inbox.synthetic import SeriesSpec, write_session
+
+pytestmark = pytest.mark.e2e
+
+
+def site(tmp_path: Path, peer: object) -> tuple[Path, Path]:
+    inbox = tmp_path / "inbox"
+    config = write_config(tmp_path, {"scp": dicom_destination(peer)},
+                          [{"path": str(inbox), "route": {"destination": "scp", **ROUTE,
+                                                          "series": None}}])
+    return config, inbox
+
+
+def test_warning_statuses_count_as_stored_and_are_noted(tmp_path, inprocess_scp, daemon):
+    scp = inprocess_scp(status_for=lambda ds, i: 0xB000 if i == 1 else 0x0000)
+    config, inbox = site(tmp_path, scp)
+    write_session(tmp_path / "src" / "WARN", series=(SeriesSpec("T1", 4),))
+    proc = daemon(config)
+    copy_in(tmp_path / "src" / "WARN", inbox)
+    outcome, report, _ = wait_for_report(inbox, "WARN", daemon=proc)
+    assert outcome == "done", report["reasons"]
+    study = report["studies"][0]
+    assert (study["stored"], study["warnings"]) == (4, 1)
+    notes = [e["reason"] for e in report["files"]["entries"] if e["reason"]]
+    assert len(notes) == 1 and "0xB000 (Warning)" in notes[0]
+
+
+def test_failure_status_fails_the_drop_naming_the_status(tmp_path, inprocess_scp, daemon):
+    scp = inprocess_scp(status_for=lambda ds, i: 0xC000 if i == 2 else 0x0000)
+    config, inbox = site(tmp_path, scp)
+    write_session(tmp_path / "src" / "REFUSE", series=(SeriesSpec("T1", 4),))
+    proc = daemon(config)
+    copy_in(tmp_path / "src" / "REFUSE", inbox)
+    outcome, report, _ = wait_for_report(inbox, "REFUSE", daemon=proc)
+    assert outcome == "failed"
+    assert report["studies"][0]["stored"] == 3
+    assert "1 of 4 instance(s) not stored: refused: 0xC000 (Failure)" in report["reasons"][0]
+    failed = [e for e in report["files"]["entries"] if e["outcome"] == "failed"]
+    assert len(failed) == 1 and "0xC000" in failed[0]["reason"]
+    assert len(scp.received) == 4  # the other instances were still sent
+
+
+def test_rejected_association_fails_with_the_reason(tmp_path, inprocess_scp, daemon):
+    scp = inprocess_scp(require_called_aet="RIGHT_AE")
+    config, inbox = site(tmp_path, scp)
+    config.write_text(config.read_text().replace("RIGHT_AE", "WRONG_AE"))
+    write_session(tmp_path / "src" / "REJECT", series=(SeriesSpec("T1", 2),))
+    proc = daemon(config)
+    copy_in(tmp_path / "src" / "REJECT", inbox)
+    outcome, report, _ = wait_for_report(inbox, "REJECT", daemon=proc)
+    assert outcome == "failed"
+    [reason] = report["reasons"]
+    assert "association rejected by WRONG_AE@127.0.0.1" in reason
+    assert "Called AE title not recognised" in reason
+    assert scp.rejected_associations == 1 and scp.received == []
+
+
+def test_more_than_128_contexts_are_split_over_associations(tmp_path, inprocess_scp, daemon):
+    scp = inprocess_scp()
+    config, inbox = site(tmp_path, scp)
+    drop = tmp_path / "src" / "MANYCLASSES"
+    classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts][: MAX_CONTEXTS + 5]
+    session = write_session(drop, series=(SeriesSpec("T1", len(classes)),), layout="flat")
+    for path, sop_class in zip(session.files, classes, strict=True):
+        ds = dcmread(path)  # one SOP class per instance: 133 contexts in one study
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.save_as(path)
+    proc = daemon(config)
+    copy_in(drop, inbox)
+    outcome, report, _ = wait_for_report(inbox, "MANYCLASSES", daemon=proc)
+    assert outcome == "done", report["reasons"]
+    study = report["studies"][0]
+    assert study["associations"] == 2
+    assert study["stored"] == len(classes) == len(scp.received)
+    assert scp.accepted_associations == 2

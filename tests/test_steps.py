@@ -1,0 +1,145 @@
+"""The steps of the flow one by one, on real files: watch's drop mapping, settle, claim, scan."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ImplicitVRLittleEndian
+
+from xnat_inbox.claim import claim, claimed_drops
+from xnat_inbox.config import InboxConfig
+from xnat_inbox.scan import Kind, scan_drop
+from xnat_inbox.senders.dicom import association_batches, context_key
+from xnat_inbox.settle import RECHECK_SECONDS, SettleTracker
+from xnat_inbox.synthetic import SeriesSpec, write_session
+from xnat_inbox.watch import DropRef, drop_for_path, existing_drops, filesystem_type
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> InboxConfig:
+    (tmp_path / "inbox").mkdir()
+    return InboxConfig(path=tmp_path / "inbox")
+
+
+def test_paths_map_to_their_drop(inbox):
+    root = inbox.path
+    (root / "Proj").mkdir()
+    (root / "Proj" / "route.yaml").write_text("project: P\n")
+    (root / "MR1" / "sub").mkdir(parents=True)
+    (root / "loose.dcm").write_bytes(b"x")
+    assert drop_for_path(inbox, root / "MR1" / "sub" / "a.dcm") == DropRef(inbox, root, "MR1")
+    assert drop_for_path(inbox, root / "loose.dcm") == DropRef(inbox, root, None)
+    in_project = DropRef(inbox, root / "Proj", "S1")
+    assert drop_for_path(inbox, root / "Proj" / "S1" / "x.dcm") == in_project
+    for ours in ("done/2026-01-01/MR1/a", "failed/x", ".xnat-inbox/work/1/MR1", ".hidden/a",
+                 "route.yaml", "Proj/route.yaml"):
+        assert drop_for_path(inbox, root / ours) is None, ours
+    assert drop_for_path(inbox, inbox.path.parent / "elsewhere") is None
+    assert set(existing_drops(inbox)) == {DropRef(inbox, root, "MR1"), DropRef(inbox, root, None)}
+
+
+def test_network_file_systems_are_recognised():
+    assert filesystem_type(Path("/proc/self")) == "proc"
+    assert filesystem_type(Path("/")) not in {"unknown", ""}
+
+
+def test_settle_waits_for_quiet_and_two_equal_snapshots(inbox):
+    drop = inbox.path / "MR1"
+    drop.mkdir()
+    (drop / "a").write_bytes(b"1")
+    ref = DropRef(inbox, inbox.path, "MR1")
+    tracker = SettleTracker(lambda _: 5.0)
+    tracker.touch(ref, 100.0)
+    assert tracker.due(104.0) == []  # not quiet yet
+    assert tracker.due(105.0) == []  # quiet: first snapshot
+    (drop / "b").write_bytes(b"22")  # a write no event reported (a network share)
+    assert tracker.due(105.0 + RECHECK_SECONDS) == []  # snapshots differ: wait again
+    assert tracker.due(109.0 + RECHECK_SECONDS) == []
+    assert tracker.due(110.0 + RECHECK_SECONDS) == [ref]  # agrees after another quiet period
+    assert tracker.pending() == []
+
+
+def test_settle_forgets_vanished_drops_and_honours_the_marker(tmp_path):
+    (tmp_path / "inbox").mkdir()
+    inbox = InboxConfig(path=tmp_path / "inbox", ready_marker="READY")
+    tracker = SettleTracker(lambda _: 3600.0)
+    gone = DropRef(inbox, inbox.path, "GONE")
+    tracker.touch(gone, 0.0)
+    assert tracker.due(4000.0) == [] and tracker.pending() == []
+    marked = inbox.path / "MARKED"
+    marked.mkdir()
+    ref = DropRef(inbox, inbox.path, "MARKED")
+    tracker.touch(ref, 0.0)
+    assert tracker.due(1.0) == []
+    (marked / "READY").touch()
+    assert tracker.due(1.0) == [ref]
+
+
+def test_claim_moves_the_drop_and_a_restart_finds_it(inbox):
+    write_session(inbox.path / "MR1", series=(SeriesSpec("T1", 2),))
+    drop = claim(DropRef(inbox, inbox.path, "MR1"), datetime(2026, 1, 2, 3, 4, 5).astimezone())
+    assert not (inbox.path / "MR1").exists()
+    assert drop.path.parent.parent == inbox.work and len(list(drop.path.rglob("*.dcm"))) == 2
+    [again] = claimed_drops(inbox)
+    assert (again.id, again.name, again.origin) == (drop.id, "MR1", inbox.path)
+
+
+def test_claim_of_loose_files_leaves_route_yaml_and_hidden_files(inbox):
+    for name in ("a.dcm", "b.dcm", "route.yaml", ".hidden"):
+        (inbox.path / name).write_bytes(b"x")
+    drop = claim(DropRef(inbox, inbox.path, None))
+    assert drop.loose and drop.name.startswith("loose-")
+    assert sorted(p.name for p in drop.path.iterdir()) == ["a.dcm", "b.dcm"]
+    assert sorted(p.name for p in inbox.path.iterdir() if p.is_file()) == [".hidden", "route.yaml"]
+
+
+def test_scan_classifies_every_file(tmp_path):
+    root = tmp_path / "drop"
+    session = write_session(root / "s", series=(SeriesSpec("T1", 3),))
+    implicit = write_session(root / "imp", series=(SeriesSpec("T2", 1),),
+                             transfer_syntax=ImplicitVRLittleEndian, study_uid=session.study_uid)
+    raw = root / "no_preamble.dcm"  # a bare dataset: valid DICOM a naive check rejects
+    ds = dcmread(implicit.files[0])
+    ds.SOPInstanceUID = "1.2.3.4.5.6.7"
+    ds.save_as(raw, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    (root / "Thumbs.db").write_bytes(b"junk")
+    (root / "notes.txt").write_text("not DICOM")
+    (root / "empty.dcm").write_bytes(b"")
+    (root / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 40)
+    (root / "z_copy.dcm").write_bytes(session.files[0].read_bytes())
+    (root / "link.dcm").symlink_to(session.files[1])
+    os.mkfifo(root / "pipe")
+    scan = scan_drop(root)
+    kinds = {entry.rel: entry.kind for entry in scan.files}
+    assert kinds == {
+        "s/1_T1/IM0001.dcm": Kind.DICOM, "s/1_T1/IM0002.dcm": Kind.DICOM,
+        "s/1_T1/IM0003.dcm": Kind.DICOM, "imp/1_T2/IM0001.dcm": Kind.DICOM,
+        "no_preamble.dcm": Kind.DICOM, "Thumbs.db": Kind.JUNK, "notes.txt": Kind.NOT_DICOM,
+        "empty.dcm": Kind.NOT_DICOM, "broken.dcm": Kind.UNREADABLE, "z_copy.dcm": Kind.DUPLICATE,
+        "link.dcm": Kind.SYMLINK, "pipe": Kind.SPECIAL,
+    }
+    [study] = scan.studies.values()
+    assert len(study.series) == 2 and len(study.instances) == 5
+    assert {"SUBJ001", "Doe^Jane", "19800101"} <= scan.phi
+    duplicate = next(e for e in scan.files if e.kind is Kind.DUPLICATE)
+    assert "same SOPInstanceUID and content" in duplicate.reason
+    assert study.problems == []
+
+
+def test_association_batches_hold_at_most_128_contexts(tmp_path):
+    write_session(tmp_path / "s", series=(SeriesSpec("T1", 3),))
+    instances = [e.instance for e in scan_drop(tmp_path / "s").files]
+    many = []
+    for number in range(300):
+        clone = type(instances[0])(**{**vars(instances[number % 3]),
+                                      "sop_class_uid": f"1.2.3.{number % 200}"})
+        many.append(clone)
+    batches = list(association_batches(many))
+    assert [len(keys) for keys, _ in batches] == [128, 72]
+    assert sum(len(members) for _, members in batches) == 300
+    for keys, members in batches:
+        assert {context_key(i) for i in members} <= set(keys)
