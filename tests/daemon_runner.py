@@ -31,8 +31,10 @@ def write_config(tmp_path: Path, destinations: dict[str, Any], inboxes: list[dic
 
 
 def dicom_destination(peer: Any, **extra: Any) -> dict[str, Any]:
+    """A dicom destination for `peer`; retries are quick so a failing test fails fast."""
     return {"type": "dicom", "host": peer.host, "port": peer.port, "called_ae": peer.aet,
-            "dimse_timeout": 10, "acse_timeout": 10, "connect_timeout": 3, **extra}
+            "dimse_timeout": 10, "acse_timeout": 10, "connect_timeout": 3,
+            "retry": {"max_attempts": 2, "initial_backoff": 0.2, "max_backoff": 0.5}, **extra}
 
 
 class DaemonProcess:

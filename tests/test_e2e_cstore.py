@@ -177,6 +177,9 @@ def test_receiver_down_sends_drop_to_failed_with_reason(tmp_path, storescp, daem
     assert outcome == "failed"
     assert any(f"127.0.0.1:{storescp.port}" in reason and "no DICOM receiver answered" in reason
                for reason in report["reasons"]), report["reasons"]
+    assert "gave up after 2 attempt(s)" in report["reasons"][0]
+    assert [a["outcome"] for a in report["attempts"]] == ["TransientFailure", "TransientFailure",
+                                                          "failed"]
     assert checksums(path.with_name("DOWN")) == before
     entries = report["files"]["entries"]
     assert {e["outcome"] for e in entries} == {"not sent"}

@@ -13,9 +13,11 @@ from datetime import datetime
 from pathlib import Path
 
 from .config import InboxConfig
+from .safecopy import fsync_dir
 from .watch import DropRef, loose_files
 
 CLAIM_FILE = "claim.json"
+MOVED_FILE = "moved-to"  # written once a cross-file-system copy is complete and verified
 
 
 class ClaimError(Exception):
@@ -61,7 +63,7 @@ def claim(ref: DropRef, now: datetime | None = None) -> ClaimedDrop:
         _undo_empty_claim(drop)
         raise ClaimError(f"cannot move {ref} into the work area {drop.area}: {exc.strerror}; "
                          "it stays in the inbox; check permissions and free space") from None
-    _fsync_dir(drop.area)
+    fsync_dir(drop.area)
     return drop
 
 
@@ -95,14 +97,6 @@ def _undo_empty_claim(drop: ClaimedDrop) -> None:
     shutil.rmtree(drop.area, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def claimed_drops(inbox: InboxConfig) -> list[ClaimedDrop]:
     """Drops left in the work area by an earlier run, oldest first, to resume them.
 
@@ -119,15 +113,33 @@ def claimed_drops(inbox: InboxConfig) -> list[ClaimedDrop]:
                                bool(data["loose"]), datetime.fromisoformat(data["claimed_at"]))
         except (OSError, ValueError, KeyError):
             continue  # not ours, or unreadable: leave it for a person
-        if drop.path.exists():
+        if (area / MOVED_FILE).exists() and drop.path.exists():
+            _complete_move(drop)
+        elif drop.path.exists():
             found.append(drop)
         elif not any(p.name != CLAIM_FILE for p in area.iterdir()):
             shutil.rmtree(area, ignore_errors=True)
     return found
 
 
+def mark_moved(drop: ClaimedDrop, target: Path) -> None:
+    """Record that a verified copy of the drop exists at `target` (see finish)."""
+    record = drop.area / MOVED_FILE
+    record.write_text(str(target), encoding="utf-8")
+    fsync_dir(drop.area)
+
+
+def _complete_move(drop: ClaimedDrop) -> None:
+    """A crash came between a verified cross-file-system copy and removing the source."""
+    target = Path((drop.area / MOVED_FILE).read_text(encoding="utf-8"))
+    if target.is_dir():
+        shutil.rmtree(drop.path)
+        release_area(drop)
+
+
 def release_area(drop: ClaimedDrop) -> None:
     """Remove the empty work folder once the drop has been moved on."""
+    (drop.area / MOVED_FILE).unlink(missing_ok=True)
     (drop.area / CLAIM_FILE).unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # something unexpected is left: never delete data
         drop.area.rmdir()

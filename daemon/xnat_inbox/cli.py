@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 
@@ -18,6 +20,8 @@ examples:
   xnat-inbox check                                 validate config and route.yaml files, C-ECHO
   xnat-inbox explain /srv/inbox/scanner/MR_0042    how a folder would be grouped and routed
   xnat-inbox --config ./config.yaml run            watch the inboxes (what systemd runs)
+  xnat-inbox status                                waiting, sending, failed today, health
+  xnat-inbox retry /srv/inbox/scanner/failed/2026-11-25/MR_0042   put a failed drop back
   xnat-inbox demo                                  a local receiver, an inbox, a real drop
 
 exit codes: 0 success, 1 a check or delivery failed, 2 unusable config or arguments
@@ -48,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "folder in one); default: where PATH is")
     explain.add_argument("--show-phi", action="store_true",
                          help="show labels derived from patient data instead of [PHI]")
+    status = commands.add_parser("status", help="drops waiting, sending (with progress), failed "
+                                 "today, and destinations' health")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    retry = commands.add_parser("retry", help="put drops from failed/ back in line; studies "
+                                "their report shows as delivered are skipped")
+    retry.add_argument("paths", type=Path, nargs="+", metavar="PATH",
+                       help="a drop folder in failed/YYYY-MM-DD/")
+    retry.add_argument("--all", action="store_true", help="send delivered studies again too")
     demo = commands.add_parser("demo", help="generate a synthetic MR session and deliver it to an "
                                "embedded receiver on 127.0.0.1")
     demo.add_argument("--dir", type=Path, default=Path("demo-run"),
@@ -69,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     configure(args.log_format, config.log_phi)
     if args.command == "run":
         return run(config)
+    if args.command in ("status", "retry"):
+        return status_or_retry(config, args)
     if args.command == "check":
         from .explain import check
 
@@ -96,11 +110,33 @@ def run(config: SiteConfig) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        Daemon(config).run(stop)
+        Daemon(config, stop).run()
     except StartupError as exc:
         print(f"xnat-inbox: cannot start: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def status_or_retry(config: SiteConfig, args: argparse.Namespace) -> int:
+    from .retry import RetryError, requeue, status_lines
+    from .state import State
+
+    state = State(config.state_dir)
+    try:
+        if args.command == "status":
+            summary = state.summary(datetime.now().astimezone().date().isoformat())
+            print(json.dumps(summary, indent=2) if args.json else "\n".join(status_lines(summary)))
+            return 0
+        code = 0
+        for path in args.paths:
+            try:
+                print(requeue(config, state, path, args.all))
+            except (RetryError, OSError) as exc:
+                print(f"xnat-inbox retry: {exc}", file=sys.stderr)
+                code = 1
+        return code
+    finally:
+        state.close()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class RetryPolicy(Strict):
+    """How long a destination's transient failures are retried before a drop goes to failed/."""
+
+    max_attempts: int = Field(100, ge=1)
+    initial_backoff: float = Field(10.0, gt=0, description="seconds before the first retry")
+    max_backoff: float = Field(900.0, gt=0, description="longest wait between two attempts")
+    give_up_after: float = Field(172800.0, gt=0, description="seconds since the first attempt")
+
+
 class DicomDestination(Strict):
     """A DICOM storage SCP, e.g. the site's XNAT DICOM receiver."""
 
@@ -46,6 +55,7 @@ class DicomDestination(Strict):
     dimse_timeout: float = Field(60.0, gt=0)
     network_timeout: float = Field(60.0, gt=0)
     max_pdu: int = Field(131072, ge=0, description="our maximum receive PDU; 0 = unlimited")
+    retry: RetryPolicy = RetryPolicy()
 
 
 Destination = Annotated[DicomDestination, Field(discriminator="type")]
@@ -205,6 +215,7 @@ __all__ = [
     "Destination",
     "DicomDestination",
     "InboxConfig",
+    "RetryPolicy",
     "RouteTemplate",
     "SeriesFilter",
     "SiteConfig",

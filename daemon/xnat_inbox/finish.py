@@ -11,7 +11,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .claim import ClaimedDrop, release_area
+from .claim import ClaimedDrop, mark_moved, release_area
+from .safecopy import CopyError, copy_verified, fsync_dir
 
 
 class FinishError(Exception):
@@ -38,23 +39,32 @@ def move_originals(drop: ClaimedDrop, ok: bool, when: datetime) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         target = free_name(folder, drop.name)
-        _move(drop.path, target)
-    except OSError as exc:
-        raise FinishError(f"cannot move {drop.path} to {folder}: {exc.strerror}; the drop stays "
+        _move(drop, target)
+    except (OSError, CopyError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise FinishError(f"cannot move {drop.path} to {folder}: {why}; the drop stays "
                           "in the work area and is resumed at the next start") from None
     release_area(drop)
     return target
 
 
-def _move(source: Path, target: Path) -> None:
+def _move(drop: ClaimedDrop, target: Path) -> None:
     try:
-        os.rename(source, target)
+        os.rename(drop.path, target)
+        return
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        # done/ on another file system: copy first, so a crash leaves one complete copy
-        shutil.copytree(source, target, symlinks=True)
-        shutil.rmtree(source)
+    # done/ on another file system: copy under a temporary name, verify, rename, and only then
+    # remove the source, so a crash at any point leaves at least one complete copy
+    partial = target.with_name(f".{target.name}.partial-{drop.id}")
+    if os.path.lexists(partial):
+        shutil.rmtree(partial)  # our own unfinished copy from before a crash
+    copy_verified(drop.path, partial)
+    os.rename(partial, target)
+    fsync_dir(target.parent)
+    mark_moved(drop, target)
+    shutil.rmtree(drop.path)
 
 
 def write_beside(target: Path, report: dict[str, Any], log_lines: list[str]) -> tuple[Path, Path]:

@@ -63,6 +63,8 @@ def configure(log_format: LogFormat = "console", log_phi: bool = False,
     root.setLevel(logging.INFO)
     # pynetdicom's own warnings (e.g. an unexpected DIMSE message) must not stay hidden
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # its connection errors repeat what our own events say, once per retry
+    logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
     logging.getLogger("watchdog.observers.inotify").addFilter(_quiet_watchdog_shutdown)
 
 

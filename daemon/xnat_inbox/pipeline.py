@@ -1,4 +1,9 @@
-"""One claimed drop through the flow: scan+group → route → send → verify → finish."""
+"""One claimed drop through the flow: scan+group → route → send → verify → finish.
+
+One call is one attempt. Instances a destination acknowledged are recorded as they are
+acknowledged, so a later attempt (after a transient failure, a SIGTERM or a crash) sends only
+what is missing. A transient failure leaves the drop in the work area for the caller to retry.
+"""
 
 from __future__ import annotations
 
@@ -15,19 +20,31 @@ from .config import SiteConfig
 from .finish import move_originals, write_beside
 from .logs import drop_log, get_logger, phi_pattern, phi_scope
 from .report import DropReport, StudyResult
-from .route import RouteError, resolve_route, route_study
-from .scan import Kind, scan_drop
-from .senders import Sender, make_sender
+from .route import RoutedStudy, RouteError, resolve_route, route_study
+from .scan import Instance, Kind, scan_drop
+from .senders import Delivery, InstanceOutcome, Sender, make_sender
+from .state import State
 from .verify import verify_delivery
 
 #: called with (drop id, instances done, instances to send) as a study is sent
 Progress = Callable[[str, int, int], None]
 
 
+class TransientFailure(Exception):
+    """Not delivered yet, but worth another attempt; the drop stays in the work area."""
+
+
+class Interrupted(Exception):
+    """Stopped on request mid-send; the drop stays in the work area and resumes later."""
+
+
 class Pipeline:
-    def __init__(self, config: SiteConfig, progress: Progress | None = None) -> None:
+    def __init__(self, config: SiteConfig, state: State, progress: Progress | None = None,
+                 stop: threading.Event | None = None) -> None:
         self.config = config
+        self.state = state
         self.progress = progress
+        self.stop = stop or threading.Event()
         self._senders: dict[str, Sender] = {}
         self._lock = threading.Lock()
 
@@ -37,8 +54,17 @@ class Pipeline:
                 self._senders[name] = make_sender(name, self.config.destinations[name])
             return self._senders[name]
 
-    def process(self, drop: ClaimedDrop) -> Path:
-        """Deliver the drop and move it to done/ or failed/; returns where it went."""
+    def destination_of(self, drop: ClaimedDrop) -> str | None:
+        """The destination the drop's route names, or None when it has no usable route."""
+        try:
+            return resolve_route(drop, set(self.config.destinations)).destination
+        except RouteError:
+            return None
+
+    def process(self, drop: ClaimedDrop, give_up: str | None = None) -> Path:
+        """One attempt: deliver what is missing and finish, or raise TransientFailure /
+        Interrupted leaving the drop in place. With `give_up`, send nothing and finish as
+        failed with that reason."""
         with drop_log() as lines:
             log = get_logger(drop=drop.relative_origin, drop_id=drop.id)
             report = DropReport(drop)
@@ -49,21 +75,30 @@ class Pipeline:
             with phi_scope(phi):
                 log.info("scanned", stage="scan", files=len(scan.files), studies=len(scan.studies),
                          **scan.counts())
+                attempt = self.state.start_attempt(drop.id, self.destination_of(drop))
                 try:
-                    self._deliver(drop, report, log)
+                    self._deliver(drop, report, log, give_up)
+                except (TransientFailure, Interrupted) as exc:
+                    self.state.end_attempt(drop.id, attempt, type(exc).__name__, str(exc))
+                    raise
                 except Exception as exc:  # a bug must fail the drop, not lose it
                     log.exception("internal error", stage="send")
                     report.reasons.append(f"internal error ({type(exc).__name__}: {exc}); the "
                                           "originals are kept; please report this")
+                outcome = "done" if report.ok else "failed"
+                self.state.end_attempt(drop.id, attempt, outcome, "; ".join(report.all_reasons()))
+                report.attempts = [a.as_dict() for a in self.state.attempts(drop.id)]
                 report.timings["total_seconds"] = time.monotonic() - started
                 finished = datetime.now().astimezone()
                 target = move_originals(drop, report.ok, finished)
-                log.info("finished", stage="finish", outcome="done" if report.ok else "failed",
-                         moved_to=str(target), reasons=report.all_reasons())
+                self.state.drop_stage(drop.id, "finished", outcome=outcome, target=str(target))
+                log.info("finished", stage="finish", outcome=outcome, moved_to=str(target),
+                         reasons=report.all_reasons())
                 write_beside(target, report.to_dict(finished, phi), lines)
             return target
 
-    def _deliver(self, drop: ClaimedDrop, report: DropReport, log: BoundLogger) -> None:
+    def _deliver(self, drop: ClaimedDrop, report: DropReport, log: BoundLogger,
+                 give_up: str | None) -> None:
         scan = report.scan
         assert scan is not None
         try:
@@ -82,32 +117,64 @@ class Pipeline:
         if report.reasons:
             log.error("drop refused", stage="route", reasons=report.reasons)
             return
+        if give_up:
+            report.reasons.append(give_up)
+        skip = set(self.state.skip_studies(drop.id))
         for study in scan.studies.values():
             result = StudyResult(route_study(study, route, drop))
             report.studies.append(result)
-            self._send(drop, result, log)
+            if study.uid in skip:
+                result.delivered_earlier = True
+                continue
+            self._send(drop, result, log, give_up)
+        retry = [r for r in report.studies if r.verdict and r.verdict.transient]
+        if retry and not give_up and not any(r.blocked for r in report.studies):
+            raise TransientFailure("; ".join(reason for r in retry for reason in r.reasons))
 
-    def _send(self, drop: ClaimedDrop, result: StudyResult, log: BoundLogger) -> None:
+    def _send(self, drop: ClaimedDrop, result: StudyResult, log: BoundLogger,
+              give_up: str | None) -> None:
         routed = result.routed
-        log.info("routed", stage="route", study=routed.study.uid,
-                 destination=routed.destination,
+        log.info("routed", stage="route", study=routed.study.uid, destination=routed.destination,
                  labels=routed.routing_value or None, series=len(routed.included),
                  excluded=len(routed.excluded), problems=routed.problems)
         if routed.problems or not routed.included:
             return
-        total, done = len(routed.instances), 0
+        earlier = self._acknowledged(drop, routed)
+        pending = [i for i in routed.instances if i.sop_instance_uid not in earlier]
+        self.state.drop_stage(drop.id, "sending", destination=routed.destination,
+                              total=len(routed.instances))
+        if pending and not give_up:
+            delivery = self._send_pending(drop, routed, pending, len(earlier))
+        else:
+            delivery = Delivery(routed.destination)
+        delivery.outcomes.update(earlier)
+        result.delivery = delivery
+        result.verdict = verdict = verify_delivery(routed, delivery)
+        log.info("sent", stage="send", study=routed.study.uid, destination=routed.destination,
+                 stored=delivery.stored, of=len(routed.instances), earlier=len(earlier),
+                 seconds=round(delivery.seconds, 2), error=delivery.error)
+        if delivery.interrupted:
+            raise Interrupted(f"stopped after {delivery.stored} of {len(routed.instances)} "
+                              "instance(s); resumes at the next start")
+        log.info("verified", stage="verify", study=routed.study.uid,
+                 delivered=verdict.delivered, retry=verdict.transient, reasons=verdict.reasons)
 
-        def on_instance(*_: object) -> None:
+    def _acknowledged(self, drop: ClaimedDrop, routed: RoutedStudy) -> dict[str, InstanceOutcome]:
+        rows = self.state.acknowledged(drop.id, routed.destination)
+        return {sop: InstanceOutcome(True, status, note) for sop, (status, note) in rows.items()}
+
+    def _send_pending(self, drop: ClaimedDrop, routed: RoutedStudy, pending: list[Instance],
+                      done_before: int) -> Delivery:
+        total, done = len(routed.instances), done_before
+
+        def on_instance(instance: Instance, outcome: InstanceOutcome) -> None:
             nonlocal done
+            self.state.record_instance(drop.id, routed.destination, routed.study.uid,
+                                       instance.sop_instance_uid, outcome.stored,
+                                       outcome.status, outcome.note)
             done += 1
             if self.progress:
                 self.progress(drop.id, done, total)
 
-        delivery = self.sender(routed.destination).send(routed, on_instance)
-        result.delivery = delivery
-        result.verdict = verdict = verify_delivery(routed, delivery)
-        log.info("sent", stage="send", study=routed.study.uid,
-                 destination=routed.destination, stored=delivery.stored, of=total,
-                 seconds=round(delivery.seconds, 2), error=delivery.error)
-        log.info("verified", stage="verify", study=routed.study.uid,
-                 delivered=verdict.delivered, reasons=verdict.reasons)
+        return self.sender(routed.destination).send(routed, pending, on_instance,
+                                                    self.stop.is_set)

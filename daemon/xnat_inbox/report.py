@@ -21,14 +21,24 @@ class StudyResult:
     routed: RoutedStudy
     delivery: Delivery | None = None
     verdict: Verdict | None = None
+    delivered_earlier: bool = False  # by an earlier drop this one is a retry of
 
     @property
     def delivered(self) -> bool:
+        if self.delivered_earlier:
+            return True
         if self.routed.problems:
             return False
         if not self.routed.included:
             return True  # every series filtered out on purpose: nothing to deliver
         return bool(self.verdict and self.verdict.delivered)
+
+    @property
+    def blocked(self) -> bool:
+        """Failed for a reason no retry will mend."""
+        if self.delivered:
+            return False
+        return bool(self.routed.problems) or bool(self.verdict and not self.verdict.transient)
 
     @property
     def reasons(self) -> list[str]:
@@ -43,6 +53,7 @@ class DropReport:
     studies: list[StudyResult] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)  # drop-level: no route, junk policy, ...
     timings: dict[str, float] = field(default_factory=dict)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -72,6 +83,7 @@ class DropReport:
                 "finished_at": finished_at.isoformat(),
                 **{key: round(value, 3) for key, value in self.timings.items()},
             },
+            "attempts": self.attempts,
             "studies": [_study(result) for result in self.studies],
             "files": self._files(),
         }
@@ -124,6 +136,7 @@ def _study(result: StudyResult) -> dict[str, Any]:
         "routing_field": routed.routing_keyword,
         "routing_string": routed.routing_value or None,
         "delivered": result.delivered,
+        "delivered_by_an_earlier_drop": result.delivered_earlier,
         "instances": len(routed.study.instances),
         "instances_to_send": len(routed.instances),
         "stored": verdict.stored if verdict else 0,

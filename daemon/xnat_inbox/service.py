@@ -1,34 +1,73 @@
-"""The daemon loop: observers mark drops touched, a tick hands settled drops to workers."""
+"""The daemon loop: observers mark drops touched, a tick claims settled drops, and one lane per
+destination delivers them in order, retrying transient failures with backoff, so a destination
+that is down holds up only its own drops."""
 
 from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from datetime import datetime
+
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from .claim import ClaimedDrop, ClaimError, claim, claimed_drops
-from .config import SiteConfig
+from .config import RetryPolicy, SiteConfig
 from .finish import FinishError
 from .logs import get_logger
-from .pipeline import Pipeline
+from .pipeline import Interrupted, Pipeline, TransientFailure
 from .settle import SettleTracker
+from .state import State
 from .watch import DropRef, InboxWatcher, existing_drops, is_routing_folder
 
 TICK_SECONDS = 0.25
+UNROUTED = "(no route)"  # the lane of drops whose route names no usable destination
 
 
 class StartupError(Exception):
     """The daemon can't start with this config; the message says what to fix."""
 
 
+class Lane(threading.Thread):
+    """Delivers one destination's drops one after the other, in the order they were claimed."""
+
+    def __init__(self, daemon: Daemon, destination: str) -> None:
+        super().__init__(name=f"lane {destination}", daemon=True)
+        self.owner = daemon
+        self.destination = destination
+        self.queue: deque[ClaimedDrop] = deque()
+        self.wakeup = threading.Condition()
+
+    def put(self, drop: ClaimedDrop) -> None:
+        with self.wakeup:
+            self.queue.append(drop)
+            self.wakeup.notify()
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def run(self) -> None:
+        stop = self.owner.stop
+        while not stop.is_set():
+            with self.wakeup:
+                if not self.queue:
+                    self.wakeup.wait(timeout=TICK_SECONDS)
+                    continue
+                drop = self.queue[0]
+            if self.owner.deliver(drop, self.destination):
+                with self.wakeup:
+                    self.queue.popleft()
+
+
 class Daemon:
-    def __init__(self, config: SiteConfig) -> None:
+    def __init__(self, config: SiteConfig, stop: threading.Event | None = None) -> None:
         self.config = config
+        self.stop = stop or threading.Event()
         self.log = get_logger(step="service")
+        self.state = State(config.state_dir)
         self.tracker = SettleTracker(lambda ref: config.settle_for(ref.inbox))
-        self.pipeline = Pipeline(config, progress=self._on_progress)
-        self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="drop")
-        self.in_flight: dict[str, Future[None]] = {}
+        self.pipeline = Pipeline(config, self.state, self._on_progress, self.stop)
+        self.lanes: dict[str, Lane] = {}
         self.progress: dict[str, tuple[int, int]] = {}
         self.watchers: list[InboxWatcher] = []
 
@@ -42,14 +81,16 @@ class Daemon:
                     "create it (writable by the daemon's user) or fix the path")
             for folder in (inbox.work, inbox.done, inbox.failed):
                 folder.mkdir(parents=True, exist_ok=True)
-        self.config.state_dir.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> None:
         self.prepare()
+        resumed = sorted((drop for inbox in self.config.inboxes
+                          for drop in claimed_drops(inbox)), key=lambda drop: drop.id)
+        for drop in resumed:
+            self.log.info("resuming claimed drop", drop=drop.relative_origin, drop_id=drop.id,
+                          stored_before=self.state.stored_count(drop.id))
+            self._submit(drop)
         for inbox in self.config.inboxes:
-            for drop in claimed_drops(inbox):
-                self.log.info("resuming claimed drop", drop=drop.relative_origin, drop_id=drop.id)
-                self._submit(drop)
             watcher = InboxWatcher(inbox, self.touch)
             watcher.start()
             self.watchers.append(watcher)
@@ -60,10 +101,10 @@ class Daemon:
                 self.touch(ref)
 
     # --- the loop -----------------------------------------------------------------------
-    def run(self, stop: threading.Event) -> None:
+    def run(self) -> None:
         self.start()
         try:
-            while not stop.wait(TICK_SECONDS):
+            while not self.stop.wait(TICK_SECONDS):
                 self.tick(time.monotonic())
         finally:
             self.shutdown()
@@ -84,45 +125,110 @@ class Daemon:
                 self.tracker.touch(ref, now)  # try again after another quiet period
                 continue
             self._watcher_of(ref).forget(ref)
-            self.log.info("claimed", stage="claim", drop=drop.relative_origin, drop_id=drop.id)
+            self.state.drop_stage(drop.id, "claimed", inbox=str(drop.inbox.path),
+                                  origin=drop.relative_origin, name=drop.name,
+                                  claimed_at=drop.claimed_at.isoformat())
+            skip = self.state.adopt_retry_request(drop.id, drop.relative_origin)
+            self.log.info("claimed", stage="claim", drop=drop.relative_origin, drop_id=drop.id,
+                          retry_skips_studies=len(skip) if skip else None)
             self._submit(drop)
-        self._reap()
 
     def _watcher_of(self, ref: DropRef) -> InboxWatcher:
         return next(w for w in self.watchers if w.inbox.path == ref.inbox.path)
 
     def _submit(self, drop: ClaimedDrop) -> None:
-        self.in_flight[drop.id] = self.executor.submit(self._process, drop)
+        destination = self.pipeline.destination_of(drop) or UNROUTED
+        lane = self.lanes.get(destination)
+        if lane is None:
+            lane = self.lanes[destination] = Lane(self, destination)
+            lane.start()
+        lane.put(drop)
 
-    def _process(self, drop: ClaimedDrop) -> None:
+    # --- one drop, with retries ---------------------------------------------------------
+    def deliver(self, drop: ClaimedDrop, destination: str) -> bool:
+        """Deliver with retries; False when stopped first (the drop stays claimed)."""
+        policy = self._policy(destination)
+        retrying = Retrying(
+            stop=lambda state: self._gave_up(drop, policy, state),
+            wait=wait_exponential_jitter(initial=policy.initial_backoff, max=policy.max_backoff,
+                                         jitter=policy.initial_backoff),
+            retry=retry_if_exception_type(TransientFailure),
+            sleep=self._sleep,
+            before_sleep=lambda state: self._destination_down(destination, state),
+            reraise=True,
+        )
         try:
-            target = self.pipeline.process(drop)
+            retrying(self.pipeline.process, drop)
+        except TransientFailure as exc:
+            attempts = len(self.state.attempts(drop.id))
+            return self._finish_anyway(drop, f"gave up after {attempts} attempt(s): {exc}")
+        except Interrupted:
+            return False
         except FinishError as exc:
             self.log.error("finish failed", drop=drop.relative_origin, reason=str(exc))
-        except Exception:  # a worker must never take the daemon down
+            return True  # it stays in the work area; the next start resumes it
+        except Exception:  # a lane must never die: the drop stays claimed for the next start
             self.log.exception("internal error; the drop stays in the work area and is "
                                "resumed at the next start", drop=drop.relative_origin,
                                work_path=str(drop.path))
-        else:
-            self.log.debug("drop done", drop=drop.relative_origin, target=str(target))
+            return True
         finally:
             self.progress.pop(drop.id, None)
+        if destination != UNROUTED and self.state.destination_health(destination, up=True):
+            self.log.info("destination reachable again", destination=destination)
+        return True
+
+    def _finish_anyway(self, drop: ClaimedDrop, reason: str) -> bool:
+        try:
+            self.pipeline.process(drop, give_up=reason)
+        except (FinishError, Interrupted) as exc:
+            self.log.error("finish failed", drop=drop.relative_origin, reason=str(exc))
+        return True
+
+    def _policy(self, destination: str) -> RetryPolicy:
+        target = self.config.destinations.get(destination)
+        return target.retry if target is not None else RetryPolicy(max_attempts=1)
+
+    def _gave_up(self, drop: ClaimedDrop, policy: RetryPolicy, _: RetryCallState) -> bool:
+        # counted from the state database, so restarts don't reset the clock
+        attempts = self.state.attempts(drop.id)
+        first = attempts[0].started if attempts else time.time()
+        return len(attempts) >= policy.max_attempts or time.time() - first >= policy.give_up_after
+
+    def _sleep(self, seconds: float) -> None:
+        if self.stop.wait(seconds):
+            raise Interrupted("stopped while waiting to retry")
+
+    def _destination_down(self, destination: str, state: RetryCallState) -> None:
+        wait = state.next_action.sleep if state.next_action else 0.0
+        error = str(state.outcome.exception()) if state.outcome else None
+        waiting = len(self.lanes[destination]) - 1 if destination in self.lanes else 0
+        if self.state.destination_health(destination, up=False, error=error,
+                                         next_try=time.time() + wait):
+            self.log.warning("destination failing; its drops wait in order and are retried",
+                             destination=destination, error=error, next_try_in=round(wait, 1),
+                             drops_waiting=waiting)
+        else:
+            self.log.debug("retrying", destination=destination, next_try_in=round(wait, 1))
 
     def _on_progress(self, drop_id: str, done: int, total: int) -> None:
         self.progress[drop_id] = (done, total)
 
-    def _reap(self) -> None:
-        for drop_id in [d for d, future in self.in_flight.items() if future.done()]:
-            del self.in_flight[drop_id]
-
     def idle(self) -> bool:
-        return not self.in_flight and not self.tracker.pending()
+        return not any(len(lane) for lane in self.lanes.values()) and not self.tracker.pending()
+
+    def summary(self) -> dict[str, object]:
+        return self.state.summary(datetime.now().astimezone().date().isoformat())
 
     # --- stop ---------------------------------------------------------------------------
     def shutdown(self) -> None:
+        self.stop.set()
         for watcher in self.watchers:
             watcher.stop()
-        # queued drops stay claimed in the work area and are resumed at the next start
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        # a lane stops between two instances: at most one C-STORE is awaited
+        destinations = self.config.destinations.values()
+        longest = max((getattr(d, "dimse_timeout", 30.0) for d in destinations), default=30.0)
+        for lane in self.lanes.values():
+            lane.join(timeout=longest + 5)
+        self.state.close()
         self.log.info("stopped")
-

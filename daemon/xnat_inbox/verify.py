@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .route import RoutedStudy
-from .senders import Delivery
+from .senders import Delivery, InstanceOutcome
 
 #: how many refused instances a reason quotes before summarising
 QUOTED = 3
@@ -19,6 +19,7 @@ class Verdict:
     stored: int
     warnings: int
     reasons: list[str] = field(default_factory=list)
+    transient: bool = False  # not delivered yet, but another attempt may succeed
 
 
 def verify_delivery(study: RoutedStudy, delivery: Delivery) -> Verdict:
@@ -26,8 +27,8 @@ def verify_delivery(study: RoutedStudy, delivery: Delivery) -> Verdict:
     outcomes = delivery.outcomes
     stored = [uid for uid in expected if uid in outcomes and outcomes[uid].stored]
     warnings = sum(1 for uid in stored if outcomes[uid].note)
-    refused = [outcomes[uid].note or "refused" for uid in expected
-               if uid in outcomes and not outcomes[uid].stored]
+    failed = [outcomes[uid] for uid in expected if uid in outcomes and not outcomes[uid].stored]
+    refused = [outcome.note or "refused" for outcome in failed]
     unsent = len(expected) - len(outcomes.keys() & set(expected))
     reasons = []
     if delivery.error:
@@ -38,4 +39,12 @@ def verify_delivery(study: RoutedStudy, delivery: Delivery) -> Verdict:
     if unsent and not delivery.error:
         reasons.append(f"{unsent} of {len(expected)} instance(s) were never sent")
     delivered = len(stored) == len(expected) and not delivery.error
-    return Verdict(delivered, len(expected), len(stored), warnings, reasons)
+    transient = not delivered and _worth_retrying(delivery, failed)
+    return Verdict(delivered, len(expected), len(stored), warnings, reasons, transient)
+
+
+def _worth_retrying(delivery: Delivery, failed: list[InstanceOutcome]) -> bool:
+    """Only when every problem is of the passing kind: one permanent refusal fails the study."""
+    if delivery.error and not delivery.transient:
+        return False  # e.g. the association rejected for good (wrong AE title)
+    return all(outcome.transient for outcome in failed)

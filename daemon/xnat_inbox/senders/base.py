@@ -13,12 +13,17 @@ from ..scan import Instance
 class SendError(Exception):
     """The destination could not be reached or refused the whole study."""
 
+    def __init__(self, message: str, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient  # worth trying again later (down, busy, timed out)
+
 
 @dataclass(frozen=True)
 class InstanceOutcome:
     stored: bool
     status: int | None = None  # the DICOM status, where the protocol has one
     note: str | None = None  # a warning status, or why it failed
+    transient: bool = False  # a failure worth another try (out of resources, no answer)
 
 
 @dataclass
@@ -28,6 +33,8 @@ class Delivery:
     destination: str
     outcomes: dict[str, InstanceOutcome] = field(default_factory=dict)  # by SOPInstanceUID
     error: str | None = None
+    transient: bool = False  # the error is worth another try
+    interrupted: bool = False  # stopped on request (SIGTERM) before the end
     associations: int = 0
     bytes_sent: int = 0
     seconds: float = 0.0
@@ -38,13 +45,17 @@ class Delivery:
 
 
 OnInstance = Callable[[Instance, InstanceOutcome], None]
+ShouldStop = Callable[[], bool]
 
 
 class Sender(Protocol):
     name: str
 
-    def send(self, study: RoutedStudy, on_instance: OnInstance | None = None) -> Delivery:
-        """Send every included instance of the study; never raises for a delivery problem."""
+    def send(self, study: RoutedStudy, instances: list[Instance],
+             on_instance: OnInstance | None = None,
+             should_stop: ShouldStop | None = None) -> Delivery:
+        """Send these instances of the study (those not yet acknowledged); never raises for a
+        delivery problem; checks should_stop between instances."""
         ...
 
     def check(self) -> str:

@@ -27,7 +27,7 @@ from ..config import DicomDestination
 from ..logs import get_logger
 from ..route import RoutedStudy
 from ..scan import Instance
-from .base import Delivery, InstanceOutcome, OnInstance, SendError
+from .base import Delivery, InstanceOutcome, OnInstance, SendError, ShouldStop
 
 #: a DICOM association carries at most 128 presentation contexts
 MAX_CONTEXTS = 128
@@ -92,7 +92,8 @@ class DicomSender:
             d.host, d.port, ae_title=d.called_ae, max_pdu=d.max_pdu,
             evt_handlers=[(evt.EVT_CONN_OPEN, lambda _: connected.append(True))])
         if not assoc.is_established:
-            raise SendError(self._refusal(assoc, bool(connected)))
+            raise SendError(self._refusal(assoc, bool(connected)),
+                            transient=not _rejected_permanently(assoc))
         _tune(assoc)
         return assoc
 
@@ -117,35 +118,42 @@ class DicomSender:
         finally:
             assoc.release()
         if not status or status.Status != 0:
-            raise SendError(f"C-ECHO to {self.where} failed: {_describe_status(status)}")
+            raise SendError(f"C-ECHO to {self.where} failed: {_describe_status(status)}",
+                            transient=True)
         return f"C-ECHO to {self.where}: success"
 
-    def send(self, study: RoutedStudy, on_instance: OnInstance | None = None) -> Delivery:
+    def send(self, study: RoutedStudy, instances: list[Instance],
+             on_instance: OnInstance | None = None,
+             should_stop: ShouldStop | None = None) -> Delivery:
         delivery = Delivery(self.name)
         started = time.monotonic()
-        for keys, instances in association_batches(study.instances):
+        for keys, batch in association_batches(instances):
             contexts = [build_context(k.sop_class, k.proposed_syntaxes()) for k in keys]
             try:
                 assoc = self._associate(contexts)
             except SendError as exc:
-                delivery.error = str(exc)
+                delivery.error, delivery.transient = str(exc), exc.transient
                 break
             delivery.associations += 1
             try:
-                delivery.error = self._store_all(assoc, study, instances, delivery, on_instance)
+                self._store_all(assoc, study, batch, delivery, on_instance, should_stop)
             finally:
                 if assoc.is_established:
                     assoc.release()
-            if delivery.error:
+            if delivery.error or delivery.interrupted:
                 break
         delivery.seconds = time.monotonic() - started
         return delivery
 
     def _store_all(self, assoc: Association, study: RoutedStudy, instances: list[Instance],
-                   delivery: Delivery, on_instance: OnInstance | None) -> str | None:
-        """Store each instance; return why the association was lost, if it was."""
+                   delivery: Delivery, on_instance: OnInstance | None,
+                   should_stop: ShouldStop | None) -> None:
+        """Store each instance; note in `delivery` why the association was lost, if it was."""
         accepted = _accepted(assoc)
         for instance in instances:
+            if should_stop and should_stop():
+                delivery.interrupted = True
+                return
             outcome = self._store_one(assoc, study, instance, accepted)
             delivery.outcomes[instance.sop_instance_uid] = outcome
             if outcome.stored:
@@ -153,9 +161,10 @@ class DicomSender:
             if on_instance:
                 on_instance(instance, outcome)
             if not assoc.is_established:
-                return (f"association with {self.where} lost after "
-                        f"{len(delivery.outcomes)} instance(s): {outcome.note}")
-        return None
+                delivery.error = (f"association with {self.where} lost after "
+                                  f"{len(delivery.outcomes)} instance(s): {outcome.note}")
+                delivery.transient = True
+                return
 
     def _store_one(self, assoc: Association, study: RoutedStudy, instance: Instance,
                    accepted: set[tuple[str, str]]) -> InstanceOutcome:
@@ -169,12 +178,14 @@ class DicomSender:
             return InstanceOutcome(False, None, f"cannot read {instance.rel}: {exc}")
         try:
             status = assoc.send_c_store(dataset)
-        except (RuntimeError, ValueError, AttributeError) as exc:
-            return InstanceOutcome(False, None, f"C-STORE of {instance.rel} failed: {exc}")
+        except (RuntimeError, ValueError, AttributeError, OSError) as exc:
+            return InstanceOutcome(False, None, f"C-STORE of {instance.rel} failed: {exc}",
+                                   transient=True)
         if not status:
             timeout = self.destination.dimse_timeout
             return InstanceOutcome(False, None, "no C-STORE response (association aborted or "
-                                   f"no answer within dimse_timeout {timeout:g} s)")
+                                   f"no answer within dimse_timeout {timeout:g} s)",
+                                   transient=True)
         return _outcome(status)
 
 
@@ -195,7 +206,9 @@ def _outcome(status: Dataset) -> InstanceOutcome:
         return InstanceOutcome(True, code)
     if category == "Warning":
         return InstanceOutcome(True, code, f"stored with warning {_describe_status(status)}")
-    return InstanceOutcome(False, code, f"refused: {_describe_status(status)}")
+    # 0xA7xx: out of resources, the receiver's way of saying "later"
+    return InstanceOutcome(False, code, f"refused: {_describe_status(status)}",
+                           transient=code & 0xFF00 == 0xA700)
 
 
 def _describe_status(status: Dataset | None) -> str:
@@ -219,6 +232,12 @@ def _is_accepted(key: ContextKey, accepted: set[tuple[str, str]]) -> bool:
 def _name(uid: str) -> str:
     name = UID(uid).name
     return f"{name} ({uid})" if name and name != uid else uid
+
+
+def _rejected_permanently(assoc: Association) -> bool:
+    """A-ASSOCIATE-RJ result 1 is permanent (wrong AE titles); 2 and aborts are transient."""
+    primitive = getattr(assoc.acceptor, "primitive", None)
+    return bool(assoc.is_rejected and getattr(primitive, "result", None) == 0x01)
 
 
 def _rejection_reason(assoc: Association) -> str:
