@@ -17,7 +17,6 @@ from .safecopy import fsync_dir
 from .watch import DropRef, loose_files
 
 CLAIM_FILE = "claim.json"
-MOVED_FILE = "moved-to"  # written once a cross-file-system copy is complete and verified
 
 
 class ClaimError(Exception):
@@ -113,33 +112,16 @@ def claimed_drops(inbox: InboxConfig) -> list[ClaimedDrop]:
                                bool(data["loose"]), datetime.fromisoformat(data["claimed_at"]))
         except (OSError, ValueError, KeyError):
             continue  # not ours, or unreadable: leave it for a person
-        if (area / MOVED_FILE).exists() and drop.path.exists():
-            _complete_move(drop)
-        elif drop.path.exists():
-            found.append(drop)
-        elif not any(p.name != CLAIM_FILE for p in area.iterdir()):
+        if drop.path.exists() or any(p.name != CLAIM_FILE for p in area.iterdir()):
+            found.append(drop)  # to resume, or a finish to complete
+        else:
             shutil.rmtree(area, ignore_errors=True)
     return found
 
 
-def mark_moved(drop: ClaimedDrop, target: Path) -> None:
-    """Record that a verified copy of the drop exists at `target` (see finish)."""
-    record = drop.area / MOVED_FILE
-    record.write_text(str(target), encoding="utf-8")
-    fsync_dir(drop.area)
-
-
-def _complete_move(drop: ClaimedDrop) -> None:
-    """A crash came between a verified cross-file-system copy and removing the source."""
-    target = Path((drop.area / MOVED_FILE).read_text(encoding="utf-8"))
-    if target.is_dir():
-        shutil.rmtree(drop.path)
-        release_area(drop)
-
-
-def release_area(drop: ClaimedDrop) -> None:
-    """Remove the empty work folder once the drop has been moved on."""
-    (drop.area / MOVED_FILE).unlink(missing_ok=True)
-    (drop.area / CLAIM_FILE).unlink(missing_ok=True)
+def release_area(drop: ClaimedDrop, *bookkeeping: str) -> None:
+    """Remove the work folder once the drop has been moved on: our own records only."""
+    for name in (*bookkeeping, CLAIM_FILE):
+        (drop.area / name).unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # something unexpected is left: never delete data
         drop.area.rmdir()

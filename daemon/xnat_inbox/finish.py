@@ -1,5 +1,9 @@
 """Step 8, finish: the drop's originals move to done/ or failed/ (never deleted), with
-<drop>.report.json and a readable <drop>.log beside them."""
+<drop>.report.json and a readable <drop>.log beside them.
+
+The target is chosen and recorded, with the report and the log, in the drop's work folder
+before anything moves; a crash at any point is completed at the next start
+(`complete_finish`), so a drop is never left in done/ without its report, nor twice."""
 
 from __future__ import annotations
 
@@ -11,40 +15,72 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .claim import ClaimedDrop, mark_moved, release_area
+from .claim import ClaimedDrop, release_area
 from .safecopy import CopyError, copy_verified, fsync_dir
+
+FINISH_FILE = "finish.json"
+BESIDE = {"report.json": ".report.json", "drop.log": ".log"}  # work-area name: suffix
 
 
 class FinishError(Exception):
     """The drop could not be moved on; it stays in the work area and is resumed later."""
 
 
-def destination_folder(drop: ClaimedDrop, ok: bool, when: datetime) -> Path:
-    base = drop.inbox.done if ok else drop.inbox.failed
-    return base / f"{when:%Y-%m-%d}"
+def plan_target(drop: ClaimedDrop, ok: bool, when: datetime) -> Path:
+    """Where the originals will go: done/ or failed/YYYY-MM-DD/<name>, a free name."""
+    folder = (drop.inbox.done if ok else drop.inbox.failed) / f"{when:%Y-%m-%d}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FinishError(f"cannot create {folder}: {exc.strerror}; the drop stays in the work "
+                          "area and is resumed at the next start") from None
+    return free_name(folder, drop.name)
 
 
 def free_name(folder: Path, name: str) -> Path:
     """`name` in `folder`, with -1, -2, ... when it (or its report) is taken."""
     candidate, n = name, 0
     while any(os.path.lexists(folder / f"{candidate}{suffix}")
-              for suffix in ("", ".report.json", ".log")):
+              for suffix in ("", *BESIDE.values())):
         n += 1
         candidate = f"{name}-{n}"
     return folder / candidate
 
 
-def move_originals(drop: ClaimedDrop, ok: bool, when: datetime) -> Path:
-    folder = destination_folder(drop, ok, when)
+def finish(drop: ClaimedDrop, target: Path, report: dict[str, Any], log_lines: list[str]) -> Path:
+    """Record the plan, then move the originals and put the report and log beside them."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        target = free_name(folder, drop.name)
-        _move(drop, target)
+        _write_atomically(drop.area / "report.json", json.dumps(report, indent=2) + "\n")
+        _write_atomically(drop.area / "drop.log", "\n".join(log_lines) + "\n")
+        _write_atomically(drop.area / FINISH_FILE, json.dumps({"target": str(target)}))
+    except OSError as exc:
+        raise FinishError(f"cannot write the report in {drop.area}: {exc.strerror}; the drop "
+                          "stays in the work area and is resumed at the next start") from None
+    return complete_finish(drop)
+
+
+def finish_pending(drop: ClaimedDrop) -> bool:
+    return (drop.area / FINISH_FILE).exists()
+
+
+def complete_finish(drop: ClaimedDrop) -> Path:
+    """Carry out a recorded finish; safe to call again after a crash at any point."""
+    target = Path(json.loads((drop.area / FINISH_FILE).read_text(encoding="utf-8"))["target"])
+    try:
+        if os.path.lexists(drop.path):
+            if os.path.lexists(target):
+                # only a complete, verified copy is ever renamed to the target
+                shutil.rmtree(drop.path)
+            else:
+                _move(drop, target)
+        for name, suffix in BESIDE.items():
+            if (drop.area / name).exists():
+                shutil.move(drop.area / name, target.with_name(target.name + suffix))
     except (OSError, CopyError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else str(exc)
-        raise FinishError(f"cannot move {drop.path} to {folder}: {why}; the drop stays "
+        raise FinishError(f"cannot move {drop.path} to {target}: {why}; the drop stays "
                           "in the work area and is resumed at the next start") from None
-    release_area(drop)
+    release_area(drop, FINISH_FILE)
     return target
 
 
@@ -63,16 +99,7 @@ def _move(drop: ClaimedDrop, target: Path) -> None:
     copy_verified(drop.path, partial)
     os.rename(partial, target)
     fsync_dir(target.parent)
-    mark_moved(drop, target)
     shutil.rmtree(drop.path)
-
-
-def write_beside(target: Path, report: dict[str, Any], log_lines: list[str]) -> tuple[Path, Path]:
-    report_path = target.with_name(target.name + ".report.json")
-    log_path = target.with_name(target.name + ".log")
-    _write_atomically(report_path, json.dumps(report, indent=2) + "\n")
-    _write_atomically(log_path, "\n".join(log_lines) + "\n")
-    return report_path, log_path
 
 
 def _write_atomically(path: Path, text: str) -> None:

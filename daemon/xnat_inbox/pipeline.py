@@ -17,7 +17,7 @@ from structlog.stdlib import BoundLogger
 
 from .claim import ClaimedDrop
 from .config import SiteConfig
-from .finish import move_originals, write_beside
+from .finish import finish, plan_target
 from .logs import drop_log, get_logger, phi_pattern, phi_scope
 from .report import DropReport, StudyResult
 from .route import RoutedStudy, RouteError, resolve_route, route_study
@@ -90,11 +90,11 @@ class Pipeline:
                 report.attempts = [a.as_dict() for a in self.state.attempts(drop.id)]
                 report.timings["total_seconds"] = time.monotonic() - started
                 finished = datetime.now().astimezone()
-                target = move_originals(drop, report.ok, finished)
-                self.state.drop_stage(drop.id, "finished", outcome=outcome, target=str(target))
+                target = plan_target(drop, report.ok, finished)
                 log.info("finished", stage="finish", outcome=outcome, moved_to=str(target),
                          reasons=report.all_reasons())
-                write_beside(target, report.to_dict(finished, phi), lines)
+                finish(drop, target, report.to_dict(finished, phi), lines)
+                self.state.drop_stage(drop.id, "finished", outcome=outcome, target=str(target))
             return target
 
     def _deliver(self, drop: ClaimedDrop, report: DropReport, log: BoundLogger,

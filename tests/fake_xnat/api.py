@@ -50,8 +50,8 @@ class Dropped(Exception):
 
 
 class Request(Protocol):
-    method: str
-    path: str
+    """What a handler may use of the request (server.Handler provides it)."""
+
     query: dict[str, str]
     headers: Any
     body: BodyReader

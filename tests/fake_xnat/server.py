@@ -29,7 +29,7 @@ from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .api import SMALL_BODY_CAP, Api, Dropped, Response, json_response
@@ -160,7 +160,6 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
     timeout = 600
     server: FakeXnatServer
-    supported: ClassVar[tuple[str, ...]] = ("GET", "POST", "PUT", "DELETE")
 
     def do_GET(self) -> None:
         self._handle()

@@ -28,8 +28,9 @@ REALM = 'Basic realm="XNAT Protected Area"'
 SITE_ID = "XNAT"
 WRITE_LEVELS = frozenset({"write", "owner", "member", "edit", "delete"})
 READ_LEVELS = WRITE_LEVELS | {"read", "collaborator"}
-# XNAT files more data into a prearchive entry only while it is still open.
-JOINABLE = frozenset({"RECEIVING", "RECEIVING_INTERRUPT", "READY"})
+# XNAT files more data into a prearchive entry only while it is still receiving: once built
+# (READY, by commit or the idle timer) or failed, new files split off into a `label_1` folder.
+JOINABLE = frozenset({"RECEIVING", "RECEIVING_INTERRUPT"})
 LOCKED = frozenset({"BUILDING", "ARCHIVING", "MOVING", "DELETING", "SEPARATING"})
 OVERWRITE_MODES = {"": None, "none": None, "false": None, "append": "append",
                    "delete": "delete", "override": "delete"}

@@ -71,6 +71,7 @@ class BodyReader:
         for piece in source:
             over = -1 if limit is None else self.received - start - limit
             if over >= 0:
+                self.received -= over  # what lies past the limit counts as never read
                 yield piece[:len(piece) - over]
                 return
             yield piece
