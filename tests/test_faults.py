@@ -288,3 +288,28 @@ def test_done_on_another_file_system(tmp_path, storescp, daemon, other_file_syst
     assert not list(inbox.glob(".xnat-inbox/work/*")), "the source must be gone once copied"
     assert not list(path.parent.glob(".*partial*"))
 
+
+
+def test_a_destination_that_is_down_holds_up_only_its_own_drops(tmp_path, daemon):
+    drops = make_drops(tmp_path, count=2, instances=4)
+    with StoreSCP(tmp_path) as down, StoreSCP(tmp_path) as up:
+        inbox = tmp_path / "inbox"
+        config = write_config(
+            tmp_path,
+            {"scp": dicom_destination(down, retry=PATIENT_RETRY),
+             "other": dicom_destination(up, retry=PATIENT_RETRY)},
+            [{"path": str(inbox), "route": PATIENT_ROUTE}], settle_seconds=0.3)
+        (inbox / "to-other").mkdir()
+        (inbox / "to-other" / "route.yaml").write_text("destination: other\n")
+        down.stop()
+        proc = daemon(config)
+        (tmp_path / "staging" / "DROP00").rename(inbox / "DROP00")
+        (tmp_path / "staging" / "DROP01").rename(inbox / "to-other" / "DROP01")
+        outcome, _, _ = wait_for_report(inbox, "DROP01", daemon=proc)
+        assert outcome == "done"
+        assert not list(inbox.glob("*/*/DROP00.report.json"))  # still waiting for its receiver
+        down.start()
+        outcome, _, _ = wait_for_report(inbox, "DROP00", daemon=proc)
+        assert outcome == "done"
+        assert drops["DROP00"][0] == set(received_uids(down))
+        assert drops["DROP01"][0] == set(received_uids(up))
