@@ -125,6 +125,14 @@ class RouteTemplate(Strict):
         return parent.model_copy(update=own)
 
 
+class ArchiveLimits(Strict):
+    """What an archive drop may unpack to before it is refused (zip bombs, runaway sizes)."""
+
+    max_bytes: int = Field(100 * 2**30, gt=0, description="bytes unpacked in all")
+    max_entries: int = Field(200_000, gt=0)
+    max_ratio: float = Field(200.0, gt=1, description="unpacked bytes per archive byte")
+
+
 class InboxConfig(Strict):
     path: Path
     poll: Literal["auto"] | bool = "auto"
@@ -134,6 +142,7 @@ class InboxConfig(Strict):
     done_dir: Path | None = None
     failed_dir: Path | None = None
     route: RouteTemplate | None = None
+    archives: ArchiveLimits = ArchiveLimits()
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
@@ -211,6 +220,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "LABEL_KEYS",
     "ROUTE_FILE",
+    "ArchiveLimits",
     "ConfigError",
     "Destination",
     "DicomDestination",

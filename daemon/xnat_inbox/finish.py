@@ -17,6 +17,7 @@ from typing import Any
 
 from .claim import ClaimedDrop, release_area
 from .safecopy import CopyError, copy_verified, fsync_dir
+from .unpack import UNPACKED
 
 FINISH_FILE = "finish.json"
 BESIDE = {"report.json": ".report.json", "drop.log": ".log"}  # work-area name: suffix
@@ -80,6 +81,7 @@ def complete_finish(drop: ClaimedDrop) -> Path:
         why = exc.strerror if isinstance(exc, OSError) else str(exc)
         raise FinishError(f"cannot move {drop.path} to {target}: {why}; the drop stays "
                           "in the work area and is resumed at the next start") from None
+    shutil.rmtree(drop.area / UNPACKED, ignore_errors=True)  # our copy of an archive's content
     release_area(drop, FINISH_FILE)
     return target
 

@@ -66,6 +66,7 @@ def configure(log_format: LogFormat = "console", log_phi: bool = False,
     # its connection errors repeat what our own events say, once per retry
     logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
     logging.getLogger("watchdog.observers.inotify").addFilter(_quiet_watchdog_shutdown)
+    logging.captureWarnings(True)  # pydicom's warnings about odd files, into the same log
 
 
 def _quiet_watchdog_shutdown(record: logging.LogRecord) -> bool:

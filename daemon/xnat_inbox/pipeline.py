@@ -7,6 +7,7 @@ what is missing. A transient failure leaves the drop in the work area for the ca
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -17,14 +18,16 @@ from structlog.stdlib import BoundLogger
 
 from .claim import ClaimedDrop
 from .config import SiteConfig
-from .finish import finish, plan_target
+from .finish import FinishError, finish, plan_target
 from .logs import drop_log, get_logger, phi_pattern, phi_scope
 from .report import DropReport, StudyResult
 from .route import RoutedStudy, RouteError, resolve_route, route_study
-from .scan import Instance, Kind, scan_drop
+from .scan import Instance, Kind, ScanResult, scan_drop
 from .senders import Delivery, InstanceOutcome, Sender, make_sender
 from .state import State
+from .unpack import UnpackError, unpack
 from .verify import verify_delivery
+from .watch import is_archive_name
 
 #: called with (drop id, instances done, instances to send) as a study is sent
 Progress = Callable[[str, int, int], None]
@@ -69,13 +72,19 @@ class Pipeline:
             log = get_logger(drop=drop.relative_origin, drop_id=drop.id)
             report = DropReport(drop)
             started = time.monotonic()
-            report.scan = scan = scan_drop(drop.path, drop.inbox.ready_marker)
+            attempt = self.state.start_attempt(drop.id, self.destination_of(drop))
+            try:
+                report.scan = scan = self._scan(drop, report)
+            except OSError as exc:  # a full disk while unpacking: worth another try
+                self.state.end_attempt(drop.id, attempt, "TransientFailure", str(exc))
+                log.error("cannot unpack", stage="scan", reason=str(exc))
+                raise TransientFailure(f"cannot unpack {drop.name}: {exc.strerror}; "
+                                       "retried once there is space") from None
             report.timings["scan_seconds"] = time.monotonic() - started
             phi = phi_pattern(scan.phi)
             with phi_scope(phi):
                 log.info("scanned", stage="scan", files=len(scan.files), studies=len(scan.studies),
                          **scan.counts())
-                attempt = self.state.start_attempt(drop.id, self.destination_of(drop))
                 try:
                     self._deliver(drop, report, log, give_up)
                 except (TransientFailure, Interrupted) as exc:
@@ -85,17 +94,36 @@ class Pipeline:
                     log.exception("internal error", stage="send")
                     report.reasons.append(f"internal error ({type(exc).__name__}: {exc}); the "
                                           "originals are kept; please report this")
-                outcome = "done" if report.ok else "failed"
-                self.state.end_attempt(drop.id, attempt, outcome, "; ".join(report.all_reasons()))
-                report.attempts = [a.as_dict() for a in self.state.attempts(drop.id)]
                 report.timings["total_seconds"] = time.monotonic() - started
-                finished = datetime.now().astimezone()
-                target = plan_target(drop, report.ok, finished)
-                log.info("finished", stage="finish", outcome=outcome, moved_to=str(target),
-                         reasons=report.all_reasons())
-                finish(drop, target, report.to_dict(finished, phi), lines)
-                self.state.drop_stage(drop.id, "finished", outcome=outcome, target=str(target))
-            return target
+                return self._finish(drop, report, attempt, lines, log, phi)
+
+    def _scan(self, drop: ClaimedDrop, report: DropReport) -> ScanResult:
+        root = drop.path
+        if drop.path.is_file() and is_archive_name(drop.name):
+            try:
+                root = unpack(drop, drop.inbox.archives)
+            except UnpackError as exc:
+                report.reasons.append(str(exc))
+                return ScanResult(drop.path, [], {}, set())
+        return scan_drop(root, drop.inbox.ready_marker)
+
+    def _finish(self, drop: ClaimedDrop, report: DropReport, attempt: int, lines: list[str],
+                log: BoundLogger, phi: re.Pattern[str] | None) -> Path:
+        outcome = "done" if report.ok else "failed"
+        reasons = report.all_reasons()
+        self.state.end_attempt(drop.id, attempt, outcome, "; ".join(reasons))
+        report.attempts = [a.as_dict() for a in self.state.attempts(drop.id)]
+        finished = datetime.now().astimezone()
+        try:
+            target = plan_target(drop, report.ok, finished)
+            log.info("finished", stage="finish", outcome=outcome, moved_to=str(target),
+                     reasons=reasons)
+            finish(drop, target, report.to_dict(finished, phi), lines)
+        except FinishError as exc:  # e.g. done/ is full: everything is kept, try again later
+            log.error("cannot finish", stage="finish", reason=str(exc))
+            raise TransientFailure(str(exc)) from None
+        self.state.drop_stage(drop.id, "finished", outcome=outcome, target=str(target))
+        return target
 
     def _deliver(self, drop: ClaimedDrop, report: DropReport, log: BoundLogger,
                  give_up: str | None) -> None:
@@ -130,6 +158,11 @@ class Pipeline:
         retry = [r for r in report.studies if r.verdict and r.verdict.transient]
         if retry and not give_up and not any(r.blocked for r in report.studies):
             raise TransientFailure("; ".join(reason for r in retry for reason in r.reasons))
+        if broken := scan.of_kind(Kind.UNREADABLE):
+            # readable studies were sent; the drop still fails so a person sees the rest
+            names = ", ".join(f"{entry.rel} ({entry.reason})" for entry in broken[:5])
+            report.reasons.append(f"{len(broken)} file(s) look like DICOM but can't be used: "
+                                  f"{names}; fix or remove them, then `xnat-inbox retry`")
 
     def _send(self, drop: ClaimedDrop, result: StudyResult, log: BoundLogger,
               give_up: str | None) -> None:

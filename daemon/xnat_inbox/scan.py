@@ -6,22 +6,26 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import struct
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .config import ROUTE_FILE
 
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 JUNK_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", ".ds_store", ROUTE_FILE})
 JUNK_SUFFIXES = (".log", ".tmp", ".bak", ".lnk")
-HEADER_TAGS = ["SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-               "SeriesInstanceUID", "PatientID", "PatientName", "PatientBirthDate", "Modality",
-               "SeriesNumber", "SeriesDescription", "InstanceNumber"]
+#: values longer than this (pixel data) are skipped over, never read into memory
+DEFER_BYTES = 256
 PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate")
 
 
@@ -165,22 +169,23 @@ def _read_header(path: Path, rel: str, size: int, phi: set[str]) -> FileEntry:
         has_preamble = stream.read(132)[128:132] == b"DICM"
         stream.seek(0)
         try:
-            ds = dcmread(stream, stop_before_pixels=True, specific_tags=HEADER_TAGS,
-                         force=not has_preamble)
-        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError,
-                AttributeError, NotImplementedError) as exc:
+            ds = dcmread(stream, defer_size=DEFER_BYTES, force=not has_preamble)
+        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OverflowError,
+                AttributeError, NotImplementedError, struct.error) as exc:
             if not has_preamble:
                 return FileEntry(rel, size, Kind.NOT_DICOM, "not a DICOM file")
-            return FileEntry(rel, size, Kind.UNREADABLE, f"corrupt DICOM header: {exc}")
+            return FileEntry(rel, size, Kind.UNREADABLE, f"corrupt DICOM: {exc}")
     meta = getattr(ds, "file_meta", None)
     media_class = str(meta.get("MediaStorageSOPClassUID", "")) if meta else ""
     if media_class == DICOMDIR_CLASS:
         return FileEntry(rel, size, Kind.JUNK, "DICOMDIR index (not an image)")
     missing = [tag for tag in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
                                "SeriesInstanceUID") if not _text(ds, tag)]
+    if not has_preamble and len(missing) == 4:
+        return FileEntry(rel, size, Kind.NOT_DICOM, "not a DICOM file")
+    if (short := _truncation(ds, size)) is not None:
+        return FileEntry(rel, size, Kind.UNREADABLE, short)
     if missing:
-        if not has_preamble and len(missing) == 4:
-            return FileEntry(rel, size, Kind.NOT_DICOM, "not a DICOM file")
         return FileEntry(rel, size, Kind.UNREADABLE,
                          f"DICOM file without {', '.join(missing)}: XNAT can't place it")
     phi.update(value for tag in PHI_TAGS if (value := _text(ds, tag)))
@@ -200,6 +205,18 @@ def _read_header(path: Path, rel: str, size: int, phi: set[str]) -> FileEntry:
         modality=_text(ds, "Modality"),
     )
     return FileEntry(rel, size, Kind.DICOM, None, instance)
+
+
+def _truncation(ds: Dataset, size: int) -> str | None:
+    """Why the file is shorter than its own elements say (a half-written copy), or None."""
+    for element in ds._dict.values():
+        if isinstance(element, RawDataElement) and element.value is None and \
+                element.length != UNDEFINED_LENGTH and \
+                element.value_tell + element.length > size:
+            missing = element.value_tell + element.length - size
+            return (f"truncated: ({element.tag >> 16:04X},{element.tag & 0xFFFF:04X}) needs "
+                    f"{missing} more bytes than the file has")
+    return None
 
 
 def _text(ds: object, keyword: str) -> str:

@@ -70,6 +70,7 @@ class Daemon:
         self.lanes: dict[str, Lane] = {}
         self.progress: dict[str, tuple[int, int]] = {}
         self.watchers: list[InboxWatcher] = []
+        self.claim_failures: set[DropRef] = set()
 
     # --- start-up ---------------------------------------------------------------------
     def prepare(self) -> None:
@@ -127,9 +128,12 @@ class Daemon:
             try:
                 drop = claim(ref)
             except ClaimError as exc:
-                self.log.error("claim failed", drop=str(ref), reason=str(exc))
+                if ref not in self.claim_failures:  # once per drop, not every quiet period
+                    self.log.error("claim failed", drop=str(ref), reason=str(exc))
+                self.claim_failures.add(ref)
                 self.tracker.touch(ref, now)  # try again after another quiet period
                 continue
+            self.claim_failures.discard(ref)
             self._watcher_of(ref).forget(ref)
             self.state.drop_stage(drop.id, "claimed", inbox=str(drop.inbox.path),
                                   origin=drop.relative_origin, name=drop.name,

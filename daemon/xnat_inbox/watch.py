@@ -26,6 +26,8 @@ from .logs import get_logger
 NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs",
                         "fuse.sshfs", "fuse.glusterfs", "fuse.s3fs", "davfs", "lustre", "gpfs"})
 IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
+#: an archive in a routing folder is a drop of its own, not one of the loose files
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
 log = get_logger(step="watch")
 
@@ -49,6 +51,10 @@ class DropRef:
 
 def is_routing_folder(path: Path) -> bool:
     return os.path.isfile(path / ROUTE_FILE) and not os.path.islink(path)
+
+
+def is_archive_name(name: str) -> bool:
+    return name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
 def is_candidate(name: str) -> bool:
@@ -77,7 +83,8 @@ def drop_for_path(inbox: InboxConfig, path: Path) -> DropRef | None:
             folder = child
             continue
         if index == len(parts) - 1 and not stat.S_ISDIR(mode) and mode != 0:
-            return DropRef(inbox, folder, None)
+            archive = stat.S_ISREG(mode) and is_archive_name(part)
+            return DropRef(inbox, folder, part if archive else None)
         return DropRef(inbox, folder, part)
     return None  # a routing folder itself changed: its drops report their own events
 
@@ -109,8 +116,10 @@ def existing_drops(inbox: InboxConfig, below: Path | None = None) -> Iterator[Dr
             continue
         for entry in entries:
             path = Path(entry.path)
-            if entry.is_dir(follow_symlinks=False) and is_candidate(entry.name) and \
-                    path not in inbox.reserved() and not is_routing_folder(path):
+            if not is_candidate(entry.name) or path in inbox.reserved():
+                continue
+            if (entry.is_dir(follow_symlinks=False) and not is_routing_folder(path)) or \
+                    (entry.is_file(follow_symlinks=False) and is_archive_name(entry.name)):
                 yield DropRef(inbox, folder, entry.name)
         if loose_files(folder):
             yield DropRef(inbox, folder, None)
@@ -123,7 +132,8 @@ def loose_files(folder: Path) -> list[Path]:
     except OSError:
         return []
     return sorted(Path(entry.path) for entry in entries
-                  if is_candidate(entry.name) and entry.is_file(follow_symlinks=False))
+                  if is_candidate(entry.name) and entry.is_file(follow_symlinks=False)
+                  and not is_archive_name(entry.name))
 
 
 def filesystem_type(path: Path) -> str:
@@ -165,6 +175,7 @@ class InboxWatcher(FileSystemEventHandler):
         self.polling = wants_polling(inbox)
         self.reserved = {str(path) for path in inbox.reserved()}
         self.watches: dict[Path, ObservedWatch] = {}
+        self.symlinks_noted: set[Path] = set()
         self.lock = threading.Lock()
         self.observer: BaseObserver = (
             PollingObserverVFS(os.lstat, self._listdir, polling_interval=inbox.poll_interval)
@@ -173,11 +184,15 @@ class InboxWatcher(FileSystemEventHandler):
         self.observer.daemon = True
 
     def start(self) -> None:
+        for folder in routing_folders(self.inbox):
+            for entry in os.scandir(folder):
+                if entry.is_symlink():
+                    self._note_symlink(Path(entry.path))
+            if not self.polling:
+                self._watch(folder, recursive=False)
         if self.polling:
             self._watch(self.inbox.path, recursive=True)
         else:
-            for folder in routing_folders(self.inbox):
-                self._watch(folder, recursive=False)
             for ref in existing_drops(self.inbox):
                 self._watch_drop(ref)
         self.observer.start()
@@ -195,6 +210,12 @@ class InboxWatcher(FileSystemEventHandler):
         if watch is not None:
             with contextlib.suppress(KeyError, OSError):
                 self.observer.unschedule(watch)
+
+    def _note_symlink(self, path: Path) -> None:
+        if path not in self.symlinks_noted:
+            self.symlinks_noted.add(path)
+            log.warning("symbolic link in an inbox: not followed, left in place; copy the "
+                        "files themselves", path=str(path))
 
     def _listdir(self, path: str | None) -> Iterator[os.DirEntry[str]]:
         return (entry for entry in os.scandir(path) if entry.path not in self.reserved)
@@ -228,6 +249,10 @@ class InboxWatcher(FileSystemEventHandler):
                 continue
             path = Path(os.fsdecode(raw))
             ref = drop_for_path(self.inbox, path)
+            if ref is not None and ref.name is None and path.parent == ref.folder and \
+                    os.path.islink(path):
+                self._note_symlink(path)
+                continue
             if ref is None and path.name == ROUTE_FILE and path.parent != self.inbox.path:
                 # a route.yaml turns its folder into a routing folder: its children are drops
                 ref = DropRef(self.inbox, path.parent, None)
