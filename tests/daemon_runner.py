@@ -38,16 +38,17 @@ def dicom_destination(peer: Any, **extra: Any) -> dict[str, Any]:
 
 
 class DaemonProcess:
-    def __init__(self, config: Path, log_path: Path) -> None:
+    def __init__(self, config: Path, log_path: Path, wrapper: list[str] | None = None) -> None:
         self.config = config
         self.log_path = log_path
+        self.wrapper = wrapper or []  # e.g. setpriv, to run without some capabilities
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, inboxes: int = 1, timeout: float = 20) -> Self:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "xnat_inbox", "--config", str(self.config),
+                [*self.wrapper, sys.executable, "-m", "xnat_inbox", "--config", str(self.config),
                  "--log-format", "json", "run"],
                 stdout=log, stderr=log, cwd=REPO, env=env)
         deadline = time.monotonic() + timeout

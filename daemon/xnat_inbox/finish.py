@@ -71,7 +71,7 @@ def complete_finish(drop: ClaimedDrop) -> Path:
         if os.path.lexists(drop.path):
             if os.path.lexists(target):
                 # only a complete, verified copy is ever renamed to the target
-                shutil.rmtree(drop.path)
+                remove(drop.path)
             else:
                 _move(drop, target)
         for name, suffix in BESIDE.items():
@@ -96,12 +96,19 @@ def _move(drop: ClaimedDrop, target: Path) -> None:
     # done/ on another file system: copy under a temporary name, verify, rename, and only then
     # remove the source, so a crash at any point leaves at least one complete copy
     partial = target.with_name(f".{target.name}.partial-{drop.id}")
-    if os.path.lexists(partial):
-        shutil.rmtree(partial)  # our own unfinished copy from before a crash
+    remove(partial)  # our own unfinished copy from before a crash, if any
     copy_verified(drop.path, partial)
     os.rename(partial, target)
     fsync_dir(target.parent)
-    shutil.rmtree(drop.path)
+    remove(drop.path)
+
+
+def remove(path: Path) -> None:
+    """Remove a file or a folder tree; only ever called on a path with a verified copy."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
 
 
 def _write_atomically(path: Path, text: str) -> None:

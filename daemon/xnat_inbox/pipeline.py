@@ -18,7 +18,7 @@ from structlog.stdlib import BoundLogger
 
 from .claim import ClaimedDrop
 from .config import SiteConfig
-from .finish import FinishError, finish, plan_target
+from .finish import FinishError, complete_finish, finish, finish_pending, plan_target
 from .logs import drop_log, get_logger, phi_pattern, phi_scope
 from .report import DropReport, StudyResult
 from .route import RoutedStudy, RouteError, resolve_route, route_study
@@ -68,6 +68,15 @@ class Pipeline:
         """One attempt: deliver what is missing and finish, or raise TransientFailure /
         Interrupted leaving the drop in place. With `give_up`, send nothing and finish as
         failed with that reason."""
+        if finish_pending(drop):  # decided and recorded earlier; only the move is left to do
+            try:
+                target = complete_finish(drop)
+            except FinishError as exc:
+                raise TransientFailure(str(exc)) from None
+            self.state.drop_stage(drop.id, "finished", target=str(target))
+            get_logger(drop=drop.relative_origin).info("completed an interrupted finish",
+                                                       stage="finish", moved_to=str(target))
+            return target
         with drop_log() as lines:
             log = get_logger(drop=drop.relative_origin, drop_id=drop.id)
             report = DropReport(drop)
@@ -140,7 +149,7 @@ class Pipeline:
             names = ", ".join(entry.rel for entry in bad[:5])
             report.reasons.append(f"{len(bad)} file(s) are not usable DICOM ({names}) and the "
                                   "route sets ignore_unparsable: false; remove them or allow it")
-        if not scan.studies:
+        if not scan.studies and not report.reasons:
             report.reasons.append("no DICOM files in this drop")
         if report.reasons:
             log.error("drop refused", stage="route", reasons=report.reasons)

@@ -18,6 +18,9 @@ from .templates import PATH_FIELDS, Template, clean_label, label_problem
 
 #: the routing string has to fit Study Description, a LO element
 MAX_ROUTING_STRING = 64
+#: what a route that leaves these keys out means
+ROUTE_DEFAULTS = {"clean_labels": False, "routing_field": "study_description",
+                  "ignore_unparsable": True}
 
 
 class RouteError(Exception):
@@ -77,7 +80,8 @@ def resolve_route(drop: ClaimedDrop, destinations: set[str]) -> Route:
     if missing:
         raise RouteError(f"the route for this drop (from {', '.join(sources)}) has no "
                          f"{', '.join(missing)}; add the key(s) to a route.yaml")
-    return Route(merged, tuple(sources))
+    unset = {key: value for key, value in ROUTE_DEFAULTS.items() if getattr(merged, key) is None}
+    return Route(merged.model_copy(update=unset), tuple(sources))
 
 
 def _folders_down_to(top: Path, bottom: Path) -> list[Path]:

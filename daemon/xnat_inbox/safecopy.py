@@ -16,6 +16,11 @@ class CopyError(Exception):
 
 
 def copy_verified(source: Path, target: Path) -> None:
+    """Copy a folder tree, or a single file (an archive drop), verifying every file."""
+    if not source.is_dir() or source.is_symlink():
+        _copy_entry(source, target)
+        fsync_dir(target.parent)
+        return
     target.mkdir(mode=0o755)
     for dirpath, dirnames, filenames in os.walk(source):
         here = Path(dirpath)

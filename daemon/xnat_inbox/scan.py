@@ -15,7 +15,11 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from .config import ROUTE_FILE
 
@@ -181,9 +185,14 @@ def _read_header(path: Path, rel: str, size: int, phi: set[str]) -> FileEntry:
         return FileEntry(rel, size, Kind.JUNK, "DICOMDIR index (not an image)")
     missing = [tag for tag in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
                                "SeriesInstanceUID") if not _text(ds, tag)]
-    if not has_preamble and len(missing) == 4:
-        return FileEntry(rel, size, Kind.NOT_DICOM, "not a DICOM file")
-    if (short := _truncation(ds, size)) is not None:
+    if len(missing) == 4:
+        if not has_preamble:
+            return FileEntry(rel, size, Kind.NOT_DICOM, "not a DICOM file")
+        return FileEntry(rel, size, Kind.UNREADABLE, "corrupt DICOM: a preamble but no readable "
+                         "dataset after it")
+    # offsets in a deflated file count inflated bytes: its length can't be checked this way
+    if _transfer_syntax(ds) != DeflatedExplicitVRLittleEndian and \
+            (short := _truncation(ds, size)) is not None:
         return FileEntry(rel, size, Kind.UNREADABLE, short)
     if missing:
         return FileEntry(rel, size, Kind.UNREADABLE,

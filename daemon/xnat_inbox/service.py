@@ -13,7 +13,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exp
 
 from .claim import ClaimedDrop, ClaimError, claim, claimed_drops
 from .config import RetryPolicy, SiteConfig
-from .finish import FinishError, complete_finish, finish_pending
+from .finish import FinishError
 from .logs import get_logger
 from .pipeline import Interrupted, Pipeline, TransientFailure
 from .settle import SettleTracker
@@ -88,9 +88,6 @@ class Daemon:
         resumed = sorted((drop for inbox in self.config.inboxes
                           for drop in claimed_drops(inbox)), key=lambda drop: drop.id)
         for drop in resumed:
-            if finish_pending(drop):
-                self._complete_finish(drop)
-                continue
             self.state.drop_stage(drop.id, "resumed", inbox=str(drop.inbox.path),
                                   origin=drop.relative_origin, name=drop.name,
                                   claimed_at=drop.claimed_at.isoformat())
@@ -187,16 +184,6 @@ class Daemon:
         if destination != UNROUTED and self.state.destination_health(destination, up=True):
             self.log.info("destination reachable again", destination=destination)
         return True
-
-    def _complete_finish(self, drop: ClaimedDrop) -> None:
-        try:
-            target = complete_finish(drop)
-        except FinishError as exc:
-            self.log.error("finish failed", drop=drop.relative_origin, reason=str(exc))
-            return
-        self.state.drop_stage(drop.id, "finished", target=str(target))
-        self.log.info("completed an interrupted finish", drop=drop.relative_origin,
-                      moved_to=str(target))
 
     def _finish_anyway(self, drop: ClaimedDrop, reason: str) -> bool:
         try:

@@ -12,12 +12,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import (
-    UID,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
@@ -31,7 +26,8 @@ from .base import Delivery, InstanceOutcome, OnInstance, SendError, ShouldStop
 
 #: a DICOM association carries at most 128 presentation contexts
 MAX_CONTEXTS = 128
-UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
+#: pynetdicom re-encodes between these two; every other syntax is sent as it is
+CONVERTIBLE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 log = get_logger(step="send")
 
@@ -39,15 +35,14 @@ log = get_logger(step="send")
 @dataclass(frozen=True)
 class ContextKey:
     sop_class: str
-    transfer_syntax: str | None  # None: any uncompressed syntax will do
+    transfer_syntax: str | None  # None: either little endian syntax will do
 
     def proposed_syntaxes(self) -> list[str]:
-        return [self.transfer_syntax] if self.transfer_syntax else list(UNCOMPRESSED)
+        return [self.transfer_syntax] if self.transfer_syntax else list(CONVERTIBLE)
 
 
 def context_key(instance: Instance) -> ContextKey:
-    # uncompressed files can be re-encoded in whatever uncompressed syntax the receiver takes
-    syntax = None if instance.transfer_syntax in UNCOMPRESSED else instance.transfer_syntax
+    syntax = None if instance.transfer_syntax in CONVERTIBLE else instance.transfer_syntax
     return ContextKey(instance.sop_class_uid, syntax)
 
 
