@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import struct
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -14,7 +13,6 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -174,8 +172,9 @@ def _read_header(path: Path, rel: str, size: int, phi: set[str]) -> FileEntry:
         stream.seek(0)
         try:
             ds = dcmread(stream, defer_size=DEFER_BYTES, force=not has_preamble)
-        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OverflowError,
-                AttributeError, NotImplementedError, struct.error) as exc:
+        except Exception as exc:  # hostile bytes make pydicom raise many kinds of error
+            if isinstance(exc, OSError):
+                raise
             if not has_preamble:
                 return FileEntry(rel, size, Kind.NOT_DICOM, "not a DICOM file")
             return FileEntry(rel, size, Kind.UNREADABLE, f"corrupt DICOM: {exc}")
