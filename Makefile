@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+SYSTEMD_STAMP := $(VENV)/.installed-systemd
 
 .PHONY: demo test bench lint system-deps clean
 
@@ -16,15 +17,23 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/xnat-inbox demo --dir demo-run
 
-## dcmtk and Orthanc are the tests' real peers (Debian packages)
+## dcmtk and Orthanc are the tests' real peers; libsystemd-dev & co build systemd-python;
+## systemd brings systemd-analyze and journald for the service tests (Debian packages)
 system-deps:
-	@if ! command -v storescp >/dev/null || ! command -v Orthanc >/dev/null; then \
+	@if ! command -v storescp >/dev/null || ! command -v Orthanc >/dev/null || \
+	    ! command -v systemd-analyze >/dev/null || ! pkg-config --exists libsystemd 2>/dev/null; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends dcmtk orthanc; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends \
+	    dcmtk orthanc systemd libsystemd-dev pkg-config gcc libc6-dev python3-dev; \
 	fi
 
-test: $(STAMP) system-deps
+## the [systemd] extra (systemd-python) is built against libsystemd-dev, so after system-deps
+$(SYSTEMD_STAMP): $(STAMP) | system-deps
+	$(BIN)/pip install --quiet -e '.[test,systemd]'
+	touch $(SYSTEMD_STAMP)
+
+test: $(SYSTEMD_STAMP)
 	$(BIN)/ruff check daemon tests bench
 	$(BIN)/python -m pytest -q
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -38,19 +39,31 @@ def dicom_destination(peer: Any, **extra: Any) -> dict[str, Any]:
 
 
 class DaemonProcess:
-    def __init__(self, config: Path, log_path: Path, wrapper: list[str] | None = None) -> None:
+    """`env` is added to the environment; `wrapper` runs before python (it must exec it, so
+    the PID stays the daemon's); `log_format` None lets the daemon choose."""
+
+    def __init__(self, config: Path, log_path: Path, env: Mapping[str, str] | None = None,
+                 wrapper: Sequence[str] = (), log_format: str | None = "json") -> None:
         self.config = config
         self.log_path = log_path
-        self.wrapper = wrapper or []  # e.g. setpriv, to run without some capabilities
+        self.env = dict(env or {})
+        self.wrapper = list(wrapper)
+        self.log_format = log_format
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, inboxes: int = 1, timeout: float = 20) -> Self:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def launch(self) -> Self:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        log_format = ["--log-format", self.log_format] if self.log_format else []
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [*self.wrapper, sys.executable, "-m", "xnat_inbox", "--config", str(self.config),
-                 "--log-format", "json", "run"],
+                 *log_format, "run"],
                 stdout=log, stderr=log, cwd=REPO, env=env)
+        return self
+
+    def start(self, inboxes: int = 1, timeout: float = 20) -> Self:
+        self.launch()
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while sum(e.get("event") == "watching" for e in self.events()) < inboxes:
             if self.proc.poll() is not None:

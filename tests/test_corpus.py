@@ -75,7 +75,8 @@ def test_every_bad_or_odd_drop_gets_its_outcome_and_nothing_is_lost(tmp_path):
         for case in corpus:
             case.build(staging / case.drop_name, scratch)
             before[case.name] = originals(staging / case.drop_name)
-        daemon = DaemonProcess(config, tmp_path / "daemon.log", without_file_capabilities())
+        daemon = DaemonProcess(config, tmp_path / "daemon.log",
+                               wrapper=without_file_capabilities())
         daemon.start()
         try:
             placed = {case.name: place(case, staging, inbox) for case in corpus}

@@ -13,7 +13,7 @@ from types import FrameType
 
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, ConfigError, SiteConfig, load_config
-from .logs import configure
+from .logs import configure, default_format
 
 EXAMPLES = """\
 examples:
@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"xnat-inbox {__version__}")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
                         help=f"site config file (default {DEFAULT_CONFIG_PATH})")
-    parser.add_argument("--log-format", choices=("console", "json"), default="console",
-                        help="console lines for a terminal, or JSON lines for files")
+    parser.add_argument("--log-format", choices=("console", "json", "journal"),
+                        help="console lines for a terminal, JSON lines for files, or fields to "
+                        "the systemd journal (the default when run by systemd)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("run", help="watch the inboxes and deliver drops until stopped")
     commands.add_parser("check", help="validate the config and every route.yaml; "
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"xnat-inbox: the site config is unusable:\n{exc}", file=sys.stderr)
         return 2
-    configure(args.log_format, config.log_phi)
+    configure(args.log_format or default_format(), config.log_phi)
     if args.command == "run":
         return run(config)
     if args.command in ("status", "retry"):
@@ -103,14 +104,24 @@ def run(config: SiteConfig) -> int:
     from .service import Daemon, StartupError
 
     stop = threading.Event()
+    try:
+        daemon = Daemon(config, stop)
+    except OSError as exc:
+        print(f"xnat-inbox: cannot start: state_dir {config.state_dir}: {exc.strerror}",
+              file=sys.stderr)
+        return 2
 
     def request_stop(signum: int, _: FrameType | None) -> None:
         stop.set()
 
+    def request_reload(signum: int, _: FrameType | None) -> None:
+        daemon.reload_requested.set()  # the main loop reloads: not in a signal handler
+
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_reload)
     try:
-        Daemon(config, stop).run()
+        daemon.run()
     except StartupError as exc:
         print(f"xnat-inbox: cannot start: {exc}", file=sys.stderr)
         return 2

@@ -182,7 +182,8 @@ class SiteConfig(Strict):
     state_dir: Path
     settle_seconds: float = Field(30.0, ge=0)
     log_phi: bool = False
-    workers: int = Field(2, ge=1, le=32)
+    #: a drop with no progress for this long means a stuck worker: systemd's watchdog restarts us
+    hung_worker_seconds: float = Field(900.0, ge=0, description="0: never")
     destinations: dict[str, Destination] = Field(min_length=1)
     inboxes: list[InboxConfig] = Field(min_length=1)
     source: Path = Field(Path("config.yaml"), exclude=True)

@@ -12,8 +12,11 @@ from typing import Any, Literal
 
 import structlog
 
-LogFormat = Literal["console", "json"]
+from . import journald
+
+LogFormat = Literal["console", "json", "journal"]
 REDACTED = "[PHI]"
+SECRET_MASK = "[secret]"
 #: keys whose values are PHI whatever they hold; dropped from events unless log_phi
 PHI_KEYS = frozenset({"patient_name", "patient_id", "birth_date", "PatientName", "PatientID",
                       "PatientBirthDate"})
@@ -21,6 +24,8 @@ PHI_KEYS = frozenset({"patient_name", "patient_id", "birth_date", "PatientName",
 _phi_pattern: ContextVar[re.Pattern[str] | None] = ContextVar("phi_pattern", default=None)
 _drop_lines: ContextVar[list[str] | None] = ContextVar("drop_lines", default=None)
 _log_phi = False
+_secret_values: set[str] = set()
+_secrets: re.Pattern[str] | None = None
 
 
 def get_logger(**bound: Any) -> structlog.stdlib.BoundLogger:
@@ -29,7 +34,9 @@ def get_logger(**bound: Any) -> structlog.stdlib.BoundLogger:
 
 def configure(log_format: LogFormat = "console", log_phi: bool = False,
               stream: Any = None) -> None:
-    """Set up structlog (and route pynetdicom's warnings through it) for the whole process."""
+    """Set up structlog (and route pynetdicom's warnings through it) for the whole process.
+
+    `journal`: fields to journald (see journald.py); the default under systemd."""
     global _log_phi
     _log_phi = log_phi
     stream = stream or sys.stderr
@@ -43,8 +50,9 @@ def configure(log_format: LogFormat = "console", log_phi: bool = False,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=False),
+        structlog.processors.format_exc_info,  # first, so the masks reach exception text
         redact_phi,
-        structlog.processors.format_exc_info,
+        mask_secrets,
         copy_to_drop_log,
     ]
     structlog.configure(
@@ -53,11 +61,15 @@ def configure(log_format: LogFormat = "console", log_phi: bool = False,
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(stream)
+    handler: logging.Handler
+    if log_format == "journal":
+        journal = journald.JournalHandler(journald.systemd_python_send(), lambda: _log_phi, stream)
+        handler, final = journal, [journal.renderer]
+    else:
+        handler = logging.StreamHandler(stream)
+        final = [structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer]
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-        foreign_pre_chain=shared,
-    ))
+        processors=final, foreign_pre_chain=shared))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
@@ -67,6 +79,34 @@ def configure(log_format: LogFormat = "console", log_phi: bool = False,
     logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
     logging.getLogger("watchdog.observers.inotify").addFilter(_quiet_watchdog_shutdown)
     logging.captureWarnings(True)  # pydicom's warnings about odd files, into the same log
+
+
+def default_format() -> LogFormat:
+    """journal when systemd connected stderr to the journal, else console lines."""
+    return "journal" if journald.stderr_is_journal() else "console"
+
+
+def set_log_phi(log_phi: bool) -> None:
+    """A reloaded config's log_phi takes effect for the next event."""
+    global _log_phi
+    _log_phi = log_phi
+
+
+def register_secret(value: str) -> None:
+    """Mask this value wherever it would appear in an event, a drop log or exception text."""
+    global _secrets
+    if len(value) < 4:  # masking every "ab" would garble the logs, and hides nothing
+        return
+    _secret_values.add(value)
+    ordered = sorted(_secret_values, key=len, reverse=True)
+    _secrets = re.compile("|".join(re.escape(secret) for secret in ordered))
+
+
+def mask_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    if _secrets is not None:
+        for key, value in event.items():
+            event[key] = _mask(value, _secrets, SECRET_MASK)
+    return event
 
 
 def _quiet_watchdog_shutdown(record: logging.LogRecord) -> bool:
@@ -87,13 +127,13 @@ def redact_phi(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappi
     return event
 
 
-def _mask(value: Any, pattern: re.Pattern[str]) -> Any:
+def _mask(value: Any, pattern: re.Pattern[str], mask: str = REDACTED) -> Any:
     if isinstance(value, str):
-        return pattern.sub(REDACTED, value)
+        return pattern.sub(mask, value)
     if isinstance(value, list | tuple):
-        return type(value)(_mask(item, pattern) for item in value)
+        return type(value)(_mask(item, pattern, mask) for item in value)
     if isinstance(value, dict):
-        return {key: _mask(item, pattern) for key, item in value.items()}
+        return {key: _mask(item, pattern, mask) for key, item in value.items()}
     return value
 
 
@@ -119,7 +159,9 @@ def phi_pattern(values: Iterable[str]) -> re.Pattern[str] | None:
 
 def redact(value: Any, pattern: re.Pattern[str] | None) -> Any:
     """Mask PHI in strings (also nested in lists and dicts) bound for a report or a terminal,
-    unless the site allows PHI."""
+    unless the site allows PHI; secrets are masked always."""
+    if _secrets is not None:
+        value = _mask(value, _secrets, SECRET_MASK)
     if _log_phi or pattern is None:
         return value
     return _mask(value, pattern)

@@ -12,12 +12,14 @@ from datetime import datetime
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from .claim import ClaimedDrop, ClaimError, claim, claimed_drops
-from .config import RetryPolicy, SiteConfig
+from .config import InboxConfig, RetryPolicy, SiteConfig
 from .finish import FinishError
 from .logs import get_logger
 from .pipeline import Interrupted, Pipeline, TransientFailure
+from .reload import reload_config
 from .settle import SettleTracker
 from .state import State
+from .supervise import Supervisor
 from .watch import DropRef, InboxWatcher, existing_drops, is_routing_folder
 
 TICK_SECONDS = 0.25
@@ -65,12 +67,21 @@ class Daemon:
         self.stop = stop or threading.Event()
         self.log = get_logger(step="service")
         self.state = State(config.state_dir)
-        self.tracker = SettleTracker(lambda ref: config.settle_for(ref.inbox))
+        self.tracker = SettleTracker(lambda ref: self.config.settle_for(ref.inbox))
         self.pipeline = Pipeline(config, self.state, self._on_progress, self.stop)
         self.lanes: dict[str, Lane] = {}
         self.progress: dict[str, tuple[int, int]] = {}
         self.watchers: list[InboxWatcher] = []
         self.claim_failures: set[DropRef] = set()
+        # for systemd: drops claimed and not finished, their last progress (STATUS=, watchdog)
+        self.drops: dict[str, ClaimedDrop] = {}
+        self.last_activity: dict[str, float] = {}
+        self.reload_requested = threading.Event()
+        self.supervisor = Supervisor(self)
+
+    @property
+    def in_flight(self) -> set[str]:
+        return set(self.drops)
 
     # --- start-up ---------------------------------------------------------------------
     def prepare(self) -> None:
@@ -85,33 +96,49 @@ class Daemon:
 
     def start(self) -> None:
         self.prepare()
-        resumed = sorted((drop for inbox in self.config.inboxes
-                          for drop in claimed_drops(inbox)), key=lambda drop: drop.id)
-        for drop in resumed:
+        for inbox in self.config.inboxes:
+            self.adopt_inbox(inbox)
+
+    def adopt_inbox(self, inbox: InboxConfig) -> None:
+        """Resume what an earlier run left claimed in this inbox, then watch it."""
+        for drop in claimed_drops(inbox):
             self.state.drop_stage(drop.id, "resumed", inbox=str(drop.inbox.path),
                                   origin=drop.relative_origin, name=drop.name,
                                   claimed_at=drop.claimed_at.isoformat())
             self.log.info("resuming claimed drop", drop=drop.relative_origin, drop_id=drop.id,
                           stored_before=self.state.stored_count(drop.id))
             self._submit(drop)
-        for inbox in self.config.inboxes:
-            watcher = InboxWatcher(inbox, self.touch)
-            watcher.start()
-            self.watchers.append(watcher)
-            self.log.info("watching", inbox=str(inbox.path),
-                          mode="polling" if watcher.polling else "inotify",
-                          settle_seconds=self.config.settle_for(inbox))
-            for ref in existing_drops(inbox):
-                self.touch(ref)
+        self.watch_inbox(inbox)
+
+    def watch_inbox(self, inbox: InboxConfig) -> None:
+        watcher = InboxWatcher(inbox, self.touch)
+        watcher.start()
+        self.watchers.append(watcher)
+        self.log.info("watching", inbox=str(inbox.path),
+                      mode="polling" if watcher.polling else "inotify",
+                      settle_seconds=self.config.settle_for(inbox))
+        for ref in existing_drops(inbox):
+            self.touch(ref)
 
     # --- the loop -----------------------------------------------------------------------
     def run(self) -> None:
         self.start()
+        self.supervisor.ready()
         try:
             while not self.stop.wait(TICK_SECONDS):
+                if self.reload_requested.is_set():
+                    self.reload()
                 self.tick(time.monotonic())
+                self.supervisor.tick(time.monotonic())
         finally:
+            self.supervisor.stopping()
             self.shutdown()
+
+    def reload(self) -> None:
+        """SIGHUP: the config file again; drops in flight keep the config they started with."""
+        self.reload_requested.clear()
+        self.supervisor.reloading()
+        self.supervisor.reloaded(reload_config(self))
 
     def touch(self, ref: DropRef) -> None:
         self.tracker.touch(ref, time.monotonic())
@@ -144,6 +171,7 @@ class Daemon:
         return next(w for w in self.watchers if w.inbox.path == ref.inbox.path)
 
     def _submit(self, drop: ClaimedDrop) -> None:
+        self.drops[drop.id] = drop
         destination = self.pipeline.destination_of(drop) or UNROUTED
         lane = self.lanes.get(destination)
         if lane is None:
@@ -155,12 +183,13 @@ class Daemon:
     def deliver(self, drop: ClaimedDrop, destination: str) -> bool:
         """Deliver with retries; False when stopped first (the drop stays claimed)."""
         policy = self._policy(destination)
+        self.last_activity[drop.id] = time.monotonic()
         retrying = Retrying(
             stop=lambda state: self._gave_up(drop, policy, state),
             wait=wait_exponential_jitter(initial=policy.initial_backoff, max=policy.max_backoff,
                                          jitter=policy.initial_backoff),
             retry=retry_if_exception_type(TransientFailure),
-            sleep=self._sleep,
+            sleep=lambda seconds: self._sleep(drop, seconds),
             before_sleep=lambda state: self._destination_down(destination, state),
             reraise=True,
         )
@@ -181,6 +210,8 @@ class Daemon:
             return True
         finally:
             self.progress.pop(drop.id, None)
+            self.last_activity.pop(drop.id, None)
+        self.drops.pop(drop.id, None)
         if destination != UNROUTED and self.state.destination_health(destination, up=True):
             self.log.info("destination reachable again", destination=destination)
         return True
@@ -202,8 +233,12 @@ class Daemon:
         first = attempts[0].started if attempts else time.time()
         return len(attempts) >= policy.max_attempts or time.time() - first >= policy.give_up_after
 
-    def _sleep(self, seconds: float) -> None:
-        if self.stop.wait(seconds):
+    def _sleep(self, drop: ClaimedDrop, seconds: float) -> None:
+        # waiting to retry is not a stuck worker: out of the watchdog's sight meanwhile
+        self.last_activity.pop(drop.id, None)
+        stopped = self.stop.wait(seconds)
+        self.last_activity[drop.id] = time.monotonic()
+        if stopped:
             raise Interrupted("stopped while waiting to retry")
 
     def _destination_down(self, destination: str, state: RetryCallState) -> None:
@@ -220,6 +255,7 @@ class Daemon:
 
     def _on_progress(self, drop_id: str, done: int, total: int) -> None:
         self.progress[drop_id] = (done, total)
+        self.last_activity[drop_id] = time.monotonic()
 
     def idle(self) -> bool:
         return not any(len(lane) for lane in self.lanes.values()) and not self.tracker.pending()
