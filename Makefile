@@ -30,6 +30,7 @@ test: $(STAMP) system-deps
 
 bench: $(STAMP) system-deps
 	$(BIN)/python bench/cstore.py
+	$(BIN)/python bench/rest.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check daemon tests bench

@@ -21,6 +21,9 @@ from pydantic import ValidationError
 from tests.daemon_runner import REPO, wait_for_report, write_config
 from tests.fake_xnat import UNASSIGNED, FakeXnat
 from xnat_inbox.config import RouteTemplate, XnatDestination
+from xnat_inbox.route import Labels, RoutedStudy
+from xnat_inbox.scan import scan_drop
+from xnat_inbox.senders.xnat import XnatSender
 from xnat_inbox.senders.xnat_auth import CredentialError, Secret, load_credentials
 from xnat_inbox.senders.xnat_readback import remedy
 from xnat_inbox.senders.xnat_session import is_transient, xnat_message
@@ -256,6 +259,25 @@ def test_connection_dropped_mid_upload_is_retried_without_duplicates(tmp_path, x
     assert len(dropped) == 1
 
 
+@pytest.mark.parametrize("fault", [
+    {"status": 503},  # the archive step failed: archive the uploaded entry again
+    {"process": True},  # archived, but the answer was lost: read back, archive nothing twice
+])
+def test_archive_step_failure_continues_with_the_uploaded_entry(tmp_path, xnat, daemon, fault):
+    xnat.add_fault(path_prefix="/data/services/archive", **fault)
+    config, inbox = site(tmp_path, xnat_destination(xnat, tmp_path, dest="archive"))
+    proc = daemon(config)
+    drop(tmp_path, inbox, "MR_ARCFAIL")
+    outcome, report, _ = wait_for_report(inbox, "MR_ARCFAIL", daemon=proc)
+
+    assert outcome == "done", report["reasons"]
+    assert len(report["attempts"]) == 2
+    paths = [r["path"] for r in xnat.requests()]
+    assert paths.count("/data/services/import") == 1  # not uploaded again
+    assert paths.count("/data/services/archive") == (2 if "status" in fault else 1)
+    assert len(archived(xnat)["files"]) == SENT and not xnat.prearchive()
+
+
 def test_verify_shortfall_fails_with_the_numbers(tmp_path, xnat, daemon):
     subject, session = LABELS
     listing = (f"/data/archive/projects/TEST/subjects/{subject}/experiments/{session}"
@@ -356,28 +378,32 @@ def test_secret_never_shows():
         pickle.dumps(secret)
 
 
+def plain(creds: Any) -> tuple[str, str]:
+    return creds.username, creds.secret.reveal()
+
+
 def test_credentials_from_file_token_systemd_and_netrc(tmp_path, monkeypatch):
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     pw = secret_file(tmp_path, "xnat.secret", "pw-from-file")
     creds = load_credentials("x", _destination(username="alice", password_file=pw))
-    assert creds.basic() == ("alice", "pw-from-file") and creds.kind == "password"
-    assert "pw-from-file" not in repr(creds)
+    assert plain(creds) == ("alice", "pw-from-file") and creds.kind == "password"
+    assert "pw-from-file" not in f"{creds!r} {vars(creds.basic())}"
 
     token = secret_file(tmp_path, "token", "alias1:secret1")
     creds = load_credentials("x", _destination(token_file=token))
-    assert creds.basic() == ("alias1", "secret1") and creds.kind == "token"
+    assert plain(creds) == ("alias1", "secret1") and creds.kind == "token"
 
     systemd = tmp_path / "creds"
     systemd.mkdir()
     secret_file(systemd, "xnat.secret", "pw-from-systemd")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(systemd))
     creds = load_credentials("x", _destination(username="alice", password_file=pw))
-    assert creds.basic() == ("alice", "pw-from-systemd")  # LoadCredential= wins
+    assert plain(creds) == ("alice", "pw-from-systemd")  # systemd's LoadCredential= wins
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
 
     (tmp_path / ".netrc").write_text("machine xnat.example.org login bob password pw-netrc\n")
     creds = load_credentials("x", _destination(), home=tmp_path)
-    assert creds.basic() == ("bob", "pw-netrc") and creds.source == "netrc"
+    assert plain(creds) == ("bob", "pw-netrc") and creds.source == "netrc"
     with pytest.raises(CredentialError, match="no credentials") as info:
         load_credentials("x", _destination(url="https://other.example.org"), home=tmp_path)
     assert "pw-netrc" not in str(info.value)
@@ -452,3 +478,18 @@ def test_messages_from_html_status_pages_and_remedies():
     assert remedy(message).startswith("UID conflict: resolve it in XNAT's Prearchive")
     assert remedy("FAILED: Session already exists, retry with overwrite enabled").startswith(
         "label clash: ")
+
+
+def test_stop_request_abandons_the_upload_between_files(tmp_path, xnat):
+    write_session(tmp_path / "s")
+    [study] = scan_drop(tmp_path / "s").studies.values()
+    routed = RoutedStudy(study, "x", Labels("TEST", *LABELS), "StudyDescription", "",
+                         included=list(study.series.values()))
+    destination = XnatDestination.model_validate(xnat_destination(xnat, tmp_path))
+    sender = XnatSender("x", destination)
+    answers = iter([False] * 5 + [True] * 100)
+    delivery = sender.send(routed, routed.instances, should_stop=lambda: next(answers))
+    sender.close()
+    assert delivery.interrupted and not delivery.outcomes and delivery.error is None
+    assert not [r for r in xnat.requests() if r["query"] == "action=commit"]
+    assert xnat.state(log=False)["sessions"] == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -87,6 +88,10 @@ class XnatDestination(Strict):
                              "world-readable): use password_file, token_file, credential "
                              "($CREDENTIALS_DIRECTORY) or ~/.netrc")
         return data
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
 
 
 Destination = Annotated[DicomDestination | XnatDestination, Field(discriminator="type")]

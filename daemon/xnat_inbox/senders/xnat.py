@@ -136,6 +136,8 @@ class XnatSender:
             delivery.error, delivery.transient = str(exc), exc.transient
             if not exc.transient:
                 self._uploaded.pop(self._key(plan, study), None)
+            elif exc.status is None:
+                self.client.forget_session()
         else:
             log.info("xnat delivered", destination=self.name, uri=where, files=progress.files)
             for instance in instances:
@@ -272,6 +274,8 @@ class XnatSender:
     def _upload_parallel(self, plan: Plan, groups: list[list[Instance]], progress: Progress,
                          should_stop: ShouldStop | None) -> set[str]:
         workers = min(self.destination.max_parallel, len(groups))
+        if workers == 1:
+            return {self._upload_one(plan, group, progress, should_stop) for group in groups}
         with ThreadPoolExecutor(workers, thread_name_prefix=f"xnat {self.name}") as pool:
             # each task runs in a copy of this thread's context: the drop's PHI masking
             futures = [pool.submit(contextvars.copy_context().run, self._upload_one, plan,

@@ -8,12 +8,16 @@ reach a log line, a report or an exception message by accident.
 
 from __future__ import annotations
 
+import base64
 import netrc
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import requests
+import requests.auth
 
 from ..config import XnatDestination
 from ..logs import get_logger
@@ -61,9 +65,22 @@ class Credentials:
     kind: str  # "password" or "token"
     source: str  # where they came from (a path or "netrc"), for messages
 
-    def basic(self) -> tuple[str, str]:
-        """For HTTP Basic auth only; the caller must not keep or log it."""
-        return self.username, self.secret.reveal()
+    def basic(self) -> BasicAuth:
+        """HTTP Basic auth that reveals the secret only while it signs a request."""
+        return BasicAuth(self)
+
+
+class BasicAuth(requests.auth.AuthBase):
+    """Unlike requests' HTTPBasicAuth, holds no plain-text password a traceback could show."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self.credentials = credentials
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        creds = self.credentials
+        token = base64.b64encode(f"{creds.username}:{creds.secret.reveal()}".encode())
+        request.headers["Authorization"] = "Basic " + token.decode("ascii")
+        return request
 
 
 def load_credentials(name: str, destination: XnatDestination,

@@ -19,7 +19,7 @@ from requests.adapters import HTTPAdapter
 from .. import __version__
 from ..config import XnatDestination
 from ..logs import get_logger
-from .xnat_auth import CredentialError, Credentials, load_credentials
+from .xnat_auth import BasicAuth, CredentialError, Credentials, load_credentials
 
 log = get_logger(step="send")
 
@@ -155,6 +155,13 @@ class XnatClient:
         self.logout()
         self.http.close()
 
+    def forget_session(self) -> None:
+        """After a network failure: log in afresh next time (a server that dropped the
+        connection may have dropped our session too, and a stale cookie on an upload could
+        otherwise fail the same way on every retry)."""
+        with self._lock:
+            self._cookie = None
+
     # --- requests ---------------------------------------------------------------------
     def request(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
                 body: Body = None, headers: Mapping[str, str] | None = None,
@@ -193,7 +200,7 @@ class XnatClient:
 
     def _exchange(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
                   body: Body = None, headers: Mapping[str, str] | None = None,
-                  auth: tuple[str, str] | None = None) -> requests.Response:
+                  auth: BasicAuth | None = None) -> requests.Response:
         """Send one request and log it as one event: method, path, status, bytes, seconds."""
         all_headers = dict(headers or {})
         if self._cookie and auth is None:
@@ -228,7 +235,8 @@ class XnatClient:
         elif isinstance(exc, requests.Timeout):
             what = f"no answer within read_timeout {self.timeout[1]:g} s"
         elif isinstance(exc, requests.ConnectionError):
-            what = "connection refused, reset or dropped"
+            resolve = re.search(r"resolve|Name or service not known", str(exc), re.IGNORECASE)
+            what = "host name not found" if resolve else "connection refused, reset or dropped"
         else:
             what = type(exc).__name__
         return f"{method} {path} to {self.base}: {what}"
