@@ -3,31 +3,22 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
-import pickle
 import shutil
 import sqlite3
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
-from pydantic import ValidationError
 
 from tests.daemon_runner import REPO, wait_for_report, write_config
 from tests.fake_xnat import UNASSIGNED, FakeXnat
-from xnat_inbox.config import RouteTemplate, XnatDestination
+from xnat_inbox.config import XnatDestination
 from xnat_inbox.route import Labels, RoutedStudy
 from xnat_inbox.scan import scan_drop
 from xnat_inbox.senders.xnat import XnatSender
-from xnat_inbox.senders.xnat_auth import CredentialError, Secret, load_credentials
-from xnat_inbox.senders.xnat_readback import remedy
-from xnat_inbox.senders.xnat_session import is_transient, xnat_message
-from xnat_inbox.senders.zipstream import Counter, Member, StopUpload, zip_chunks
 from xnat_inbox.synthetic import Patient, write_session
 
 pytestmark = pytest.mark.xnat
@@ -173,6 +164,23 @@ def test_append_merges_into_the_existing_session(tmp_path, xnat, daemon):
     assert len(archives) == 2 and all(r["status"] == 200 for r in archives)
 
 
+def test_same_series_appended_twice_is_a_uid_conflict_with_its_remedy(tmp_path, xnat, daemon):
+    config, inbox = site(tmp_path, xnat_destination(xnat, tmp_path, dest="archive",
+                                                    overwrite="append"))
+    write_session(tmp_path / "source")
+    proc = daemon(config)
+    for name in ("ONCE", "TWICE"):
+        shutil.copytree(tmp_path / "source", tmp_path / "staging" / name)
+        (tmp_path / "staging" / name).rename(inbox / name)
+        outcome, report, _ = wait_for_report(inbox, name, daemon=proc)
+    assert outcome == "failed"
+    reasons = " ".join(report["reasons"])
+    assert "with the same UID and number" in reasons
+    assert "UID conflict: resolve it in XNAT's Prearchive" in reasons
+    [entry] = xnat.prearchive()
+    assert entry["status"] == "CONFLICT" and entry["message"] in reasons
+
+
 @pytest.mark.parametrize("project", ["SECRET", "OTHER", "NOSUCH"])
 def test_project_without_access_fails_and_nothing_lands_in_unassigned(tmp_path, xnat, daemon,
                                                                        project):
@@ -299,7 +307,9 @@ def test_verify_shortfall_fails_with_the_numbers(tmp_path, xnat, daemon):
 
 def test_wrong_password_fails_without_retries(tmp_path, xnat, daemon):
     destination = xnat_destination(xnat, tmp_path)
-    Path(destination["password_file"]).write_text("not-the-password\n")
+    secret = Path(destination["password_file"])
+    secret.write_text("not-the-password\n")
+    secret.chmod(0o644)
     config, inbox = site(tmp_path, destination)
     proc = daemon(config)
     drop(tmp_path, inbox, "MR_BADPW")
@@ -308,6 +318,7 @@ def test_wrong_password_fails_without_retries(tmp_path, xnat, daemon):
     assert "refused the password of 'alice'" in " ".join(report["reasons"])
     proc.stop()
     assert "not-the-password" not in proc.text()
+    assert "credentials file is readable by others; chmod 600 it" in proc.text()
 
 
 def test_credentials_never_appear_in_logs_or_reports(tmp_path, xnat, daemon):
@@ -353,6 +364,18 @@ def test_check_logs_in_and_lists_writable_projects(tmp_path, xnat):
     assert PASSWORD not in result.stdout + result.stderr
 
 
+def test_explain_tells_where_in_xnat_a_study_would_go(tmp_path, xnat):
+    config, inbox = site(tmp_path, xnat_destination(xnat, tmp_path), dest="archive")
+    write_session(tmp_path / "MR_X")
+    result = subprocess.run([sys.executable, "-m", "xnat_inbox", "--config", str(config),
+                             "explain", str(tmp_path / "MR_X"), "--inbox", str(inbox),
+                             "--show-phi"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (f"would send {SENT} instance(s) to xnat (XNAT REST: TEST/{LABELS[0]}/{LABELS[1]} "
+            "into the archive, overwrite: none)") in result.stdout
+    assert xnat.requests() == []  # explain sends nothing
+
+
 def test_check_fails_on_bad_credentials(tmp_path, xnat):
     destination = xnat_destination(xnat, tmp_path)
     Path(destination["password_file"]).write_text("wrong\n")
@@ -362,122 +385,6 @@ def test_check_fails_on_bad_credentials(tmp_path, xnat):
     assert result.returncode == 1
     assert "FAIL destination xnat: XNAT at" in result.stdout
     assert "refused the password of 'alice'" in result.stdout
-
-
-# --- units: credentials, config, zip stream, error mapping ---------------------------------
-
-def _destination(**extra: Any) -> XnatDestination:
-    return XnatDestination(**{"type": "xnat", "url": "https://xnat.example.org", **extra})
-
-
-def test_secret_never_shows():
-    secret = Secret("hunter2")
-    assert "hunter2" not in f"{secret} {secret!r} {secret:>20} {[secret]} {secret!s}"
-    assert secret.reveal() == "hunter2"
-    with pytest.raises(TypeError):
-        pickle.dumps(secret)
-
-
-def plain(creds: Any) -> tuple[str, str]:
-    return creds.username, creds.secret.reveal()
-
-
-def test_credentials_from_file_token_systemd_and_netrc(tmp_path, monkeypatch):
-    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    pw = secret_file(tmp_path, "xnat.secret", "pw-from-file")
-    creds = load_credentials("x", _destination(username="alice", password_file=pw))
-    assert plain(creds) == ("alice", "pw-from-file") and creds.kind == "password"
-    assert "pw-from-file" not in f"{creds!r} {vars(creds.basic())}"
-
-    token = secret_file(tmp_path, "token", "alias1:secret1")
-    creds = load_credentials("x", _destination(token_file=token))
-    assert plain(creds) == ("alias1", "secret1") and creds.kind == "token"
-
-    systemd = tmp_path / "creds"
-    systemd.mkdir()
-    secret_file(systemd, "xnat.secret", "pw-from-systemd")
-    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(systemd))
-    creds = load_credentials("x", _destination(username="alice", password_file=pw))
-    assert plain(creds) == ("alice", "pw-from-systemd")  # systemd's LoadCredential= wins
-    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
-
-    (tmp_path / ".netrc").write_text("machine xnat.example.org login bob password pw-netrc\n")
-    creds = load_credentials("x", _destination(), home=tmp_path)
-    assert plain(creds) == ("bob", "pw-netrc") and creds.source == "netrc"
-    with pytest.raises(CredentialError, match="no credentials") as info:
-        load_credentials("x", _destination(url="https://other.example.org"), home=tmp_path)
-    assert "pw-netrc" not in str(info.value)
-
-
-def test_config_refuses_inline_passwords_and_takes_route_keys(tmp_path):
-    with pytest.raises(ValidationError, match="inline passwords and tokens are not allowed"):
-        XnatDestination.model_validate({"type": "xnat", "url": "https://x", "password": "p"})
-    with pytest.raises(ValidationError):
-        _destination(url="https://user:pw@xnat.example.org")
-    route = RouteTemplate.model_validate({"dest": "archive", "overwrite": "append"})
-    assert (route.dest, route.overwrite) == ("archive", "append")
-    assert _destination().dest == "prearchive" and _destination().overwrite == "none"
-
-
-@pytest.mark.parametrize("compression", ["stored", "deflate"])
-def test_zip_stream_is_what_zipinputstream_accepts(tmp_path, compression):
-    members = []
-    for i in range(3):
-        path = tmp_path / f"IM{i}.dcm"
-        path.write_bytes(bytes(range(256)) * (10 + i))
-        members.append(Member(f"series/IM{i}.dcm", path, path.stat().st_size))
-    counter = Counter()
-    seen: list[str] = []
-    data = b"".join(zip_chunks(members, compression, counter, lambda m: seen.append(m.name)))
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        infos = archive.infolist()
-        assert archive.testzip() is None
-        assert [archive.read(i) for i in infos] == [m.path.read_bytes() for m in members]
-    for info in infos:
-        # Java's ZipInputStream: a STORED entry must not use a data descriptor
-        stored = info.compress_type == zipfile.ZIP_STORED
-        assert stored == (compression == "stored")
-        assert not (stored and info.flag_bits & 0x08)
-    assert seen == [m.name for m in members] and counter.files == 3
-    assert counter.bytes == sum(m.size for m in members) and counter.zip_bytes == len(data)
-
-
-def test_zip_stream_stops_between_files(tmp_path):
-    path = tmp_path / "IM.dcm"
-    path.write_bytes(b"x" * 100)
-    members = [Member(f"IM{i}.dcm", path, 100) for i in range(3)]
-    calls = iter([False, True])
-    with pytest.raises(StopUpload):
-        b"".join(zip_chunks(members, "stored", Counter(), should_stop=lambda: next(calls)))
-
-
-@pytest.mark.parametrize(("status", "message", "transient"), [
-    (400, "Upload did not include parsable files", False),
-    (400, "Concurrent file sends of the same data is not supported.", True),
-    (403, "Invalid permissions for new project.", False),
-    (404, "Unable to find project X", False),
-    (409, "session document locked", False),
-    (500, "FAILED: Session already exists, retry with overwrite enabled", False),
-    (500, "Internal Server Error", True),
-    (502, "Bad Gateway", True), (503, "", True), (504, "", True), (507, "", True),
-])
-def test_status_mapping(status, message, transient):
-    assert is_transient(status, message) is transient
-
-
-def test_messages_from_html_status_pages_and_remedies():
-    response = requests.Response()
-    response.status_code = 500
-    response.headers["Content-Type"] = "text/html"
-    response._content = (b"<html><head><title>Status page</title></head><body><h3>FAILED: "
-                         b"Session already contains a scan (2) with the same UID and number."
-                         b"</h3><p>500</p></body></html>")
-    message = xnat_message(response)
-    assert message == ("FAILED: Session already contains a scan (2) with the same UID and "
-                       "number.")
-    assert remedy(message).startswith("UID conflict: resolve it in XNAT's Prearchive")
-    assert remedy("FAILED: Session already exists, retry with overwrite enabled").startswith(
-        "label clash: ")
 
 
 def test_stop_request_abandons_the_upload_between_files(tmp_path, xnat):
