@@ -83,7 +83,7 @@ def test_status_lists_waiting_and_sending_from_the_state_database(tmp_path):
     summary = state.summary("2026")
     assert [d["drop"] for d in summary["waiting"]] == ["MR1"]
     assert summary["sending"] == [{"id": "d2", "drop": "MR2", "destination": "scp",
-                                   "stored": 4, "total": 10}]
+                                   "stored": 4, "total": 10, "sent_files": 0, "sent_bytes": 0}]
     assert summary["destinations"][0]["up"] is False
     assert state.acknowledged("d2", "scp").keys() == {f"1.2.{n}" for n in range(4)}
     state.close()

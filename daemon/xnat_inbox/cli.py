@@ -17,7 +17,7 @@ from .logs import configure, default_format
 
 EXAMPLES = """\
 examples:
-  xnat-inbox check                                 validate config and route.yaml files, C-ECHO
+  xnat-inbox check                                 validate config and routes, C-ECHO, XNAT login
   xnat-inbox explain /srv/inbox/scanner/MR_0042    how a folder would be grouped and routed
   xnat-inbox --config ./config.yaml run            watch the inboxes (what systemd runs)
   xnat-inbox status                                waiting, sending, failed today, health
@@ -31,7 +31,7 @@ exit codes: 0 success, 1 a check or delivery failed, 2 unusable config or argume
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xnat-inbox",
-        description="Watch inboxes for DICOM drops and deliver them to XNAT by C-STORE.",
+        description="Watch inboxes for DICOM drops and deliver them to XNAT by C-STORE or REST.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("run", help="watch the inboxes and deliver drops until stopped")
     commands.add_parser("check", help="validate the config and every route.yaml; "
-                        "C-ECHO each DICOM destination")
+                        "C-ECHO each DICOM destination, log in to each XNAT one")
     explain = commands.add_parser("explain", help="show how a folder would be grouped, labelled, "
                                   "filtered and where it would go; sends nothing")
     explain.add_argument("path", type=Path, help="a drop folder, in an inbox or anywhere")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -58,7 +59,42 @@ class DicomDestination(Strict):
     retry: RetryPolicy = RetryPolicy()
 
 
-Destination = Annotated[DicomDestination, Field(discriminator="type")]
+class XnatDestination(Strict):
+    """XNAT's REST import service (what the Compressed Uploader and Desktop Client use)."""
+
+    type: Literal["xnat"]
+    url: str = Field(pattern=r"^https?://[^/?#@\s]+(/[^?#\s]*)?$",
+                     description="site URL, e.g. https://xnat.example.org (no credentials)")
+    username: str | None = Field(None, min_length=1)
+    password_file: Path | None = None
+    token_file: Path | None = None  # "alias:secret", or the secret with username = alias
+    credential: str | None = Field(None, pattern=r"^[^/]+$",
+                                   description="file name in $CREDENTIALS_DIRECTORY")
+    dest: Literal["prearchive", "archive"] = "prearchive"
+    overwrite: Literal["none", "append", "delete"] = "none"
+    verify_tls: bool | Path = True  # or a CA bundle
+    connect_timeout: float = Field(10.0, gt=0)
+    read_timeout: float = Field(600.0, gt=0, description="seconds of silence from XNAT")
+    max_parallel: int = Field(1, ge=1, le=8, description="series zips uploaded at once")
+    study_zip_max_files: int = Field(100, ge=0, description="smaller studies go as one zip")
+    compression: Literal["stored", "deflate"] = "stored"
+    retry: RetryPolicy = RetryPolicy()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ({"password", "token", "secret"} & data.keys()):
+            raise ValueError("inline passwords and tokens are not allowed (the config is "
+                             "world-readable): use password_file, token_file, credential "
+                             "($CREDENTIALS_DIRECTORY) or ~/.netrc")
+        return data
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+
+Destination = Annotated[DicomDestination | XnatDestination, Field(discriminator="type")]
 
 
 class SeriesFilter(Strict):
@@ -95,6 +131,8 @@ class RouteTemplate(Strict):
     routing_field: Literal["study_description", "patient_comments"] | None = None
     ignore_unparsable: bool | None = None
     series: SeriesFilter | None = None
+    dest: Literal["prearchive", "archive"] | None = None  # xnat: overrides the destination's
+    overwrite: Literal["none", "append", "delete"] | None = None  # xnat: likewise
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
@@ -230,6 +268,7 @@ __all__ = [
     "RouteTemplate",
     "SeriesFilter",
     "SiteConfig",
+    "XnatDestination",
     "load_config",
     "load_route",
 ]

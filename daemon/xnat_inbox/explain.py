@@ -1,5 +1,5 @@
 """`xnat-inbox explain` and `check`: how a folder would be handled, and whether the set-up works,
-without sending anything (check only C-ECHOes)."""
+without sending anything (check only C-ECHOes, or logs in to XNAT and lists its projects)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from datetime import datetime
 from pathlib import Path
 
 from .claim import ClaimedDrop
-from .config import ROUTE_FILE, ConfigError, InboxConfig, SiteConfig, load_route
+from .config import ROUTE_FILE, ConfigError, InboxConfig, SiteConfig, XnatDestination, load_route
 from .logs import phi_pattern, redact
-from .route import RouteError, filter_reason, resolve_route, route_study
+from .route import RoutedStudy, RouteError, filter_reason, resolve_route, route_study
 from .scan import Kind, scan_drop
 from .senders import SendError, make_sender
 from .watch import routing_folders
@@ -69,11 +69,23 @@ def explain(config: SiteConfig, path: Path, show_phi: bool = False,
         for problem in routed.problems:
             yield redact(f"  NOT SENT: {problem}", phi)
         if not routed.problems:
-            yield f"  would send {len(routed.instances)} instance(s) to {routed.destination}"
+            yield redact(f"  would send {len(routed.instances)} instance(s) to "
+                         f"{routed.destination}{_xnat_how(config, routed)}", phi)
     if not scan.studies:
         yield "No DICOM studies: the drop would go to failed/."
     if phi is not None and scan.phi:
         yield "(values derived from patient data are shown as [PHI]; --show-phi shows them)"
+
+
+def _xnat_how(config: SiteConfig, routed: RoutedStudy) -> str:
+    destination = config.destinations.get(routed.destination)
+    if not isinstance(destination, XnatDestination) or routed.labels is None:
+        return ""
+    dest = routed.template.dest or destination.dest
+    overwrite = routed.template.overwrite or destination.overwrite
+    labels = routed.labels
+    return (f" (XNAT REST: {labels.project}/{labels.subject}/{labels.session} into the "
+            f"{dest}, overwrite: {overwrite})")
 
 
 def check(config: SiteConfig) -> tuple[list[str], bool]:

@@ -218,5 +218,21 @@ class Pipeline:
             if self.progress:
                 self.progress(drop.id, done, total)
 
+        def on_progress(files: int, sent_bytes: int) -> None:
+            # REST uploads acknowledge a study only at its end: show files as they go out
+            self.state.record_progress(drop.id, routed.destination, routed.study.uid, files,
+                                       sent_bytes)
+            if self.progress:
+                self.progress(drop.id, done_before + files, total)
+
         return self.sender(routed.destination).send(routed, pending, on_instance,
-                                                    self.stop.is_set)
+                                                    self.stop.is_set, on_progress=on_progress)
+
+    def close(self) -> None:
+        """Let every sender end its sessions (e.g. log out of XNAT)."""
+        with self._lock:
+            senders, self._senders = list(self._senders.values()), {}
+        for sender in senders:
+            close = getattr(sender, "close", None)
+            if close:
+                close()

@@ -62,6 +62,8 @@ def status_lines(summary: dict[str, Any]) -> list[str]:
               for d in summary["waiting"]]
     lines.append(f"sending: {len(summary['sending'])}")
     lines += [f"  {d['drop']} -> {d['destination']}: {d['stored']}/{d['total']}"
+              + (f" (sent {d['sent_files']} file(s), {d['sent_bytes'] / 1e6:.1f} MB)"
+                 if d.get("sent_files") else "")
               for d in summary["sending"]]
     lines.append(f"failed today: {len(summary['failed_today'])}")
     lines += [f"  {d['drop']} -> {d['moved_to']}" for d in summary["failed_today"]]

@@ -54,6 +54,7 @@ class RoutedStudy:
     included: list[Series] = field(default_factory=list)
     excluded: list[tuple[Series, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    template: RouteTemplate = field(default_factory=RouteTemplate)  # the merged route's keys
 
     @property
     def instances(self) -> list[Instance]:
@@ -97,7 +98,7 @@ def route_study(study: Study, route: Route, drop: ClaimedDrop) -> RoutedStudy:
     routing_keyword = ("PatientComments" if template.routing_field == "patient_comments"
                        else "StudyDescription")
     routed = RoutedStudy(study, route.destination, None, routing_keyword, "",
-                         problems=list(study.problems))
+                         problems=list(study.problems), template=template)
     for series in study.series.values():
         reason = filter_reason(series, template.series)
         if reason:

@@ -178,6 +178,18 @@ def _read_header(path: Path, rel: str, size: int, phi: set[str]) -> FileEntry:
             if not has_preamble:
                 return FileEntry(rel, size, Kind.NOT_DICOM, "not a DICOM file")
             return FileEntry(rel, size, Kind.UNREADABLE, f"corrupt DICOM: {exc}")
+    try:  # pydicom converts values lazily: a hostile value raises only when it is read
+        return _classify_dataset(ds, path, rel, size, has_preamble, phi)
+    except Exception as exc:
+        if isinstance(exc, OSError):
+            raise
+        kind = Kind.UNREADABLE if has_preamble else Kind.NOT_DICOM
+        return FileEntry(rel, size, kind, f"corrupt DICOM: {exc}" if has_preamble
+                         else "not a DICOM file")
+
+
+def _classify_dataset(ds: Dataset, path: Path, rel: str, size: int, has_preamble: bool,
+                      phi: set[str]) -> FileEntry:
     meta = getattr(ds, "file_meta", None)
     media_class = str(meta.get("MediaStorageSOPClassUID", "")) if meta else ""
     if media_class == DICOMDIR_CLASS:

@@ -38,7 +38,7 @@ class Secret:
 
     __slots__ = ("_value", "login", "source")
 
-    def __init__(self, value: str, source: str, login: str | None = None) -> None:
+    def __init__(self, value: str, source: str = "", login: str | None = None) -> None:
         self._value = value
         self.source = source  # where it came from, for messages: a path or a credential name
         self.login = login  # the netrc login, when the secret came from ~/.netrc
@@ -51,6 +51,9 @@ class Secret:
 
     def __str__(self) -> str:
         return SECRET_MASK
+
+    def __format__(self, spec: str) -> str:
+        return format(SECRET_MASK, spec)
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("a Secret is not pickled: it would be written out in clear")

@@ -273,5 +273,6 @@ class Daemon:
         longest = max((getattr(d, "dimse_timeout", 30.0) for d in destinations), default=30.0)
         for lane in self.lanes.values():
             lane.join(timeout=longest + 5)
+        self.pipeline.close()  # e.g. log out of XNAT
         self.state.close()
         self.log.info("stopped")

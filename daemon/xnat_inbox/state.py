@@ -41,6 +41,10 @@ CREATE TABLE IF NOT EXISTS destinations (
     next_try REAL);
 CREATE TABLE IF NOT EXISTS retry_requests (
     origin TEXT PRIMARY KEY, skip_studies TEXT NOT NULL, requested_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS progress (
+    drop_id TEXT NOT NULL, destination TEXT NOT NULL, study_uid TEXT NOT NULL,
+    files INTEGER NOT NULL, bytes INTEGER NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (drop_id, destination, study_uid));
 """
 
 log = get_logger(step="state")
@@ -149,6 +153,13 @@ class State:
                           "destination=? AND stored=1", drop_id, destination)
         return {sop: (status, note) for sop, status, note in rows}
 
+    def record_progress(self, drop_id: str, destination: str, study_uid: str, files: int,
+                        sent_bytes: int) -> None:
+        """Files and bytes sent so far of a study not yet acknowledged (REST uploads)."""
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO progress VALUES (?, ?, ?, ?, ?, ?)",
+                       (drop_id, destination, study_uid, files, sent_bytes, time.time()))
+
     def stored_count(self, drop_id: str) -> int:
         return int(self._read("SELECT count(*) FROM instances WHERE drop_id=? AND stored=1",
                               drop_id)[0][0])
@@ -214,7 +225,9 @@ class State:
         """What `xnat-inbox status` and the systemd STATUS line show."""
         active = self._read(
             "SELECT d.id, d.origin, d.stage, d.destination, d.instances_total, "
-            "(SELECT count(*) FROM instances i WHERE i.drop_id=d.id AND i.stored=1) "
+            "(SELECT count(*) FROM instances i WHERE i.drop_id=d.id AND i.stored=1), "
+            "(SELECT coalesce(sum(p.files), 0) FROM progress p WHERE p.drop_id=d.id), "
+            "(SELECT coalesce(sum(p.bytes), 0) FROM progress p WHERE p.drop_id=d.id) "
             "FROM drops d WHERE d.stage != 'finished' ORDER BY d.claimed_at")
         failed = self._read("SELECT origin, target FROM drops WHERE outcome='failed' AND "
                             "claimed_at >= ? ORDER BY claimed_at", today)
@@ -224,7 +237,8 @@ class State:
             "waiting": [{"id": r[0], "drop": r[1], "stage": r[2], "destination": r[3]}
                         for r in active if r[2] != "sending"],
             "sending": [{"id": r[0], "drop": r[1], "destination": r[3], "stored": r[5],
-                         "total": r[4]} for r in active if r[2] == "sending"],
+                         "total": r[4], "sent_files": r[6], "sent_bytes": r[7]}
+                        for r in active if r[2] == "sending"],
             "failed_today": [{"drop": r[0], "moved_to": r[1]} for r in failed],
             "destinations": [{"name": r[0], "up": bool(r[1]), "since": _iso(r[2]),
                               "error": r[3], "next_try": _iso(r[4]) if r[4] else None}

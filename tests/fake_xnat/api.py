@@ -174,7 +174,11 @@ class Api:
 
     def projects(self, req: Request, auth: Auth) -> Response:
         rows = []
-        for pid in self.state.visible_projects(auth.user):
+        visible = self.state.visible_projects(auth.user)
+        if req.query.get("permissions") in ("edit", "delete", "create"):
+            # XNAT's uploader query (permissions=edit&dataType=xnat:subjectData)
+            visible = [pid for pid in visible if self.state.can_write(auth.user, pid)]
+        for pid in visible:
             p = self.state.projects[pid]
             rows.append({"ID": pid, "secondary_ID": p.get("secondary_ID", pid),
                          "name": p["name"], "description": p.get("description", ""),

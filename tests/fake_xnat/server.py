@@ -159,6 +159,9 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "FakeXNAT/1.0"
     sys_version = ""
     timeout = 600
+    # like Tomcat (tcpNoDelay=true): headers and body go out as separate writes, and Nagle's
+    # algorithm would hold the body for the client's delayed ACK (~40 ms per answer)
+    disable_nagle_algorithm = True
     server: FakeXnatServer
 
     def do_GET(self) -> None:

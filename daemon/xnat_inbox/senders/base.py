@@ -46,6 +46,7 @@ class Delivery:
 
 OnInstance = Callable[[Instance, InstanceOutcome], None]
 ShouldStop = Callable[[], bool]
+OnProgress = Callable[[int, int], None]  # files and bytes sent so far for the study
 
 
 class Sender(Protocol):
@@ -53,9 +54,11 @@ class Sender(Protocol):
 
     def send(self, study: RoutedStudy, instances: list[Instance],
              on_instance: OnInstance | None = None,
-             should_stop: ShouldStop | None = None) -> Delivery:
+             should_stop: ShouldStop | None = None,
+             on_progress: OnProgress | None = None) -> Delivery:
         """Send these instances of the study (those not yet acknowledged); never raises for a
-        delivery problem; checks should_stop between instances."""
+        delivery problem; checks should_stop between instances; on_progress, where given,
+        hears how much went out before the destination acknowledges it."""
         ...
 
     def check(self) -> str:

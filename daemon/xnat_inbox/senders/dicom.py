@@ -22,7 +22,7 @@ from ..config import DicomDestination
 from ..logs import get_logger
 from ..route import RoutedStudy
 from ..scan import Instance
-from .base import Delivery, InstanceOutcome, OnInstance, SendError, ShouldStop
+from .base import Delivery, InstanceOutcome, OnInstance, OnProgress, SendError, ShouldStop
 
 #: a DICOM association carries at most 128 presentation contexts
 MAX_CONTEXTS = 128
@@ -119,7 +119,9 @@ class DicomSender:
 
     def send(self, study: RoutedStudy, instances: list[Instance],
              on_instance: OnInstance | None = None,
-             should_stop: ShouldStop | None = None) -> Delivery:
+             should_stop: ShouldStop | None = None,
+             on_progress: OnProgress | None = None) -> Delivery:
+        # on_instance already reports each C-STORE as it is acknowledged: no on_progress
         delivery = Delivery(self.name)
         started = time.monotonic()
         for keys, batch in association_batches(instances):
