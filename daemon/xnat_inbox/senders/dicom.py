@@ -83,9 +83,14 @@ class DicomSender:
     def _associate(self, contexts: list[Any]) -> Association:
         d = self.destination
         connected: list[bool] = []
-        assoc = self._ae(contexts).associate(
-            d.host, d.port, ae_title=d.called_ae, max_pdu=d.max_pdu,
-            evt_handlers=[(evt.EVT_CONN_OPEN, lambda _: connected.append(True))])
+        try:
+            assoc = self._ae(contexts).associate(
+                d.host, d.port, ae_title=d.called_ae, max_pdu=d.max_pdu,
+                evt_handlers=[(evt.EVT_CONN_OPEN, lambda _: connected.append(True))])
+        except OSError as exc:  # e.g. the host name doesn't resolve (DNS down: transient)
+            raise SendError(f"cannot reach {d.host}:{d.port}: {exc.strerror or exc}; check "
+                            "host in the site config and the name service", transient=True
+                            ) from None
         if not assoc.is_established:
             raise SendError(self._refusal(assoc, bool(connected)),
                             transient=not _rejected_permanently(assoc))
