@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydicom import dcmread
 from pydicom.tag import Tag
 
@@ -39,7 +40,9 @@ def site(tmp_path: Path, peer: Any, route: dict[str, Any]) -> tuple[Path, Path]:
     secret = tmp_path / "deid.secret"
     secret.write_text(SECRET + "\n")
     secret.chmod(0o600)
-    config = write_config(tmp_path, {"scp": dicom_destination(peer)},
+    destination = dicom_destination(peer) if peer else {"type": "dicom", "host": "127.0.0.1",
+                                                         "port": 1}
+    config = write_config(tmp_path, {"scp": destination},
                           [{"path": str(inbox), "route": {"destination": "scp", **route}}],
                           deid_secret_file=str(secret))
     return config, inbox
@@ -189,3 +192,32 @@ def test_the_table_is_complete_for_the_basic_profile():
     for keyword, action in expected.items():
         assert action_for(Tag(keyword)) == action, keyword
     assert action_for(Tag(0x6002, 0x4000)) == "X"  # overlay comments, a repeating group
+
+
+def test_xnat_rest_upload_is_the_deidentified_copy_and_reads_back(tmp_path, daemon):
+    from tests.fake_xnat import FakeXnat
+
+    password = tmp_path / "xnat.secret"
+    password.write_text("alice-pw\n")
+    password.chmod(0o600)
+    with FakeXnat({}) as xnat:
+        destination = {"type": "xnat", "url": xnat.url, "username": "alice",
+                       "password_file": str(password), "connect_timeout": 3,
+                       "retry": {"max_attempts": 2, "initial_backoff": 0.2, "max_backoff": 0.5}}
+        config, inbox = site(tmp_path, None, {**ROUTE, "project": "TEST"})
+        data = yaml.safe_load(config.read_text())
+        data["destinations"] = {"xnat": destination}
+        data["inboxes"][0]["route"]["destination"] = "xnat"
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
+        info = session(tmp_path / "src" / "MR_REST")
+        before = checksums(tmp_path / "src" / "MR_REST")
+        proc = daemon(config)
+        put(tmp_path / "src" / "MR_REST", inbox, "MR_REST")
+        outcome, report, report_path = wait_for_report(inbox, "MR_REST", daemon=proc)
+        proc.stop()
+        assert outcome == "done", report["reasons"]  # the read-back matched remapped series
+        [entry] = xnat.prearchive()
+        assert int(entry["file_count"]) == len(info.files)
+        assert entry["subject"].startswith("ANON")
+    assert checksums(report_path.with_name("MR_REST")) == before
+    assert_no_phi(proc, report_path, "MR_REST")
