@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("paths", type=Path, nargs="+", metavar="PATH",
                        help="a drop folder in failed/YYYY-MM-DD/")
     retry.add_argument("--all", action="store_true", help="send delivered studies again too")
+    lookup = commands.add_parser(
+        "lookup", help="PHI-BEARING: map de-identified UIDs/PatientIDs to the originals (and "
+        "back) from the state database; for authorised staff only", description="PHI-BEARING "
+        "COMMAND: prints original patient identifiers and UIDs. Run it only when authorised "
+        "to re-identify; its output is not masked.")
+    lookup.add_argument("values", nargs="+", metavar="VALUE",
+                        help="a UID or PatientID, original or de-identified")
     demo = commands.add_parser("demo", help="generate a synthetic MR session and deliver it to an "
                                "embedded receiver on 127.0.0.1")
     demo.add_argument("--dir", type=Path, default=Path("demo-run"),
@@ -82,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     configure(args.log_format or default_format(), config.log_phi)
     if args.command == "run":
         return run(config)
+    if args.command == "lookup":
+        return lookup(config, args.values)
     if args.command in ("status", "retry"):
         return status_or_retry(config, args)
     if args.command == "check":
@@ -126,6 +135,25 @@ def run(config: SiteConfig) -> int:
         print(f"xnat-inbox: cannot start: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def lookup(config: SiteConfig, values: list[str]) -> int:
+    """Print the de-identification map's rows for each value (PHI: never logged)."""
+    from .state import State
+
+    state = State(config.state_dir)
+    try:
+        code = 0
+        for value in values:
+            rows = state.deid_lookup(value)
+            if not rows:
+                print(f"{value}: not in the de-identification map", file=sys.stderr)
+                code = 1
+            for kind, original, replacement in rows:
+                print(f"{kind}\t{original}\t{replacement}")
+        return code
+    finally:
+        state.close()
 
 
 def status_or_retry(config: SiteConfig, args: argparse.Namespace) -> int:

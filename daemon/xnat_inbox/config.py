@@ -133,6 +133,12 @@ class RouteTemplate(Strict):
     series: SeriesFilter | None = None
     dest: Literal["prearchive", "archive"] | None = None  # xnat: overrides the destination's
     overwrite: Literal["none", "append", "delete"] | None = None  # xnat: likewise
+    # de-identification and the PHI guard (deidentify.py)
+    deidentify: Literal["off", "basic"] | None = None  # basic: PS3.15 E.1-1, outgoing copy only
+    label_source: Literal["original", "deidentified"] | None = None
+    phi_guard: Literal["reject", "warn", "off"] | None = None
+    phi_allow: list[str] | None = None  # keywords (or "private") the guard lets through
+    phi_allow_patient_name: re.Pattern[str] | None = None  # an allowed PatientName pattern
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
@@ -155,6 +161,15 @@ class RouteTemplate(Strict):
         if value is not None and known is not None and value not in known:
             names = ", ".join(sorted(known)) or "none are configured"
             raise ValueError(f"unknown destination {value!r}; the site config defines: {names}")
+        return value
+
+    @field_validator("phi_allow")
+    @classmethod
+    def _known_keywords(cls, value: list[str] | None) -> list[str] | None:
+        unknown = [k for k in value or [] if k != "private" and k not in keyword_dict]
+        if unknown:
+            raise ValueError(f"not DICOM keywords: {', '.join(unknown)} (e.g. InstitutionName, "
+                             "or private for private tags)")
         return value
 
     def merged_over(self, parent: RouteTemplate) -> RouteTemplate:
@@ -224,6 +239,8 @@ class SiteConfig(Strict):
     hung_worker_seconds: float = Field(900.0, ge=0, description="0: never")
     destinations: dict[str, Destination] = Field(min_length=1)
     inboxes: list[InboxConfig] = Field(min_length=1)
+    #: the site secret that keys de-identification's UID remapping (a file or a credential name)
+    deid_secret_file: str | None = None
     source: Path = Field(Path("config.yaml"), exclude=True)
 
     @model_validator(mode="after")
@@ -234,6 +251,16 @@ class SiteConfig(Strict):
                 if i != j and (path == other or other in path.parents):
                     raise ValueError(
                         f"inboxes[{i}].path {path} lies inside inboxes[{j}].path {other}")
+        return self
+
+    @model_validator(mode="after")
+    def _deid_has_secret(self) -> SiteConfig:
+        if self.deid_secret_file is None and any(
+                inbox.route and inbox.route.deidentify not in (None, "off")
+                for inbox in self.inboxes):
+            raise ValueError("an inbox route sets deidentify but deid_secret_file is missing: "
+                             "add deid_secret_file (a file holding the site secret, or a "
+                             "LoadCredential= name)")
         return self
 
     def settle_for(self, inbox: InboxConfig) -> float:

@@ -7,13 +7,16 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+from . import deidentify
 from .claim import ClaimedDrop
 from .config import ROUTE_FILE, ConfigError, InboxConfig, SiteConfig, XnatDestination, load_route
-from .logs import phi_pattern, redact
+from .logs import get_logger, phi_pattern, redact
 from .route import RoutedStudy, RouteError, filter_reason, resolve_route, route_study
-from .scan import Kind, scan_drop
+from .scan import Instance, Kind, scan_drop
 from .senders import SendError, make_sender
 from .watch import routing_folders
+
+_NO_LOG = get_logger(step="explain")
 
 
 def inbox_for(config: SiteConfig, path: Path) -> InboxConfig | None:
@@ -54,6 +57,7 @@ def explain(config: SiteConfig, path: Path, show_phi: bool = False,
     yield f"Route: destination {route.destination} (from {', '.join(route.sources)})"
     for number, study in enumerate(scan.studies.values(), 1):
         routed = route_study(study, route, drop)
+        deidentify.prepare(routed, drop, config.deid_secret_file, None, _NO_LOG)
         yield (f"Study {number}: {study.uid}: {len(study.instances)} instance(s) in "
                f"{len(study.series)} series")
         if routed.labels:
@@ -66,6 +70,10 @@ def explain(config: SiteConfig, path: Path, show_phi: bool = False,
             verdict = f"excluded: {reason}" if reason else "send"
             yield (f"  series {series.number or '?':>4} {series.description!r} {series.modality} "
                    f"{len(series.instances)} instance(s): {verdict}")
+            if routed.transform is not None and not reason:
+                yield from _deid_lines(series.instances[0], routed.transform, show_phi)
+        if routed.phi_findings:
+            yield f"  PHI guard ({routed.template.phi_guard}): {', '.join(routed.phi_findings)}"
         for problem in routed.problems:
             yield redact(f"  NOT SENT: {problem}", phi)
         if not routed.problems:
@@ -75,6 +83,17 @@ def explain(config: SiteConfig, path: Path, show_phi: bool = False,
         yield "No DICOM studies: the drop would go to failed/."
     if phi is not None and scan.phi:
         yield "(values derived from patient data are shown as [PHI]; --show-phi shows them)"
+
+
+def _deid_lines(instance: Instance, transform: deidentify.Transform,
+                show_phi: bool) -> Iterator[str]:
+    """What de-identification would change in this series' sample file (values only with
+    --show-phi: they are PHI)."""
+    before = deidentify.outgoing_header(instance, None)
+    after = deidentify.outgoing_header(instance, transform)
+    yield f"    de-identified ({instance.rel}):"
+    for line in deidentify.describe(deidentify.changes(before, after), show_phi):
+        yield f"      {line}"
 
 
 def _xnat_how(config: SiteConfig, routed: RoutedStudy) -> str:

@@ -18,6 +18,7 @@ from structlog.stdlib import BoundLogger
 
 from .claim import ClaimedDrop
 from .config import SiteConfig
+from .deidentify import prepare as deidentify
 from .finish import FinishError, complete_finish, finish, finish_pending, plan_target
 from .logs import drop_log, get_logger, phi_pattern, phi_scope
 from .report import DropReport, StudyResult
@@ -159,6 +160,8 @@ class Pipeline:
         skip = set(self.state.skip_studies(drop.id))
         for study in scan.studies.values():
             result = StudyResult(route_study(study, route, drop))
+            deidentify(result.routed, drop, self.config.deid_secret_file,
+                       self.state.record_deid_map, log)
             report.studies.append(result)
             if study.uid in skip:
                 result.delivered_earlier = True

@@ -145,6 +145,8 @@ def _study(result: StudyResult) -> dict[str, Any]:
         "bytes_sent": delivery.bytes_sent if delivery else 0,
         "send_seconds": round(delivery.seconds, 3) if delivery else 0,
         "reasons": result.reasons,
+        "deidentify": routed.template.deidentify,
+        "phi_guard": {"mode": routed.template.phi_guard, "attributes": routed.phi_findings},
         "series": [
             {"number": series.number, "description": series.description,
              "modality": series.modality, "instances": len(series.instances),

@@ -3,7 +3,7 @@ labels and series filter; labels are checked against XNAT's rule before anything
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,8 @@ from .templates import PATH_FIELDS, Template, clean_label, label_problem
 MAX_ROUTING_STRING = 64
 #: what a route that leaves these keys out means
 ROUTE_DEFAULTS = {"clean_labels": False, "routing_field": "study_description",
-                  "ignore_unparsable": True}
+                  "ignore_unparsable": True, "deidentify": "off", "label_source": "original",
+                  "phi_guard": "warn"}
 
 
 class RouteError(Exception):
@@ -55,6 +56,10 @@ class RoutedStudy:
     excluded: list[tuple[Series, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     template: RouteTemplate = field(default_factory=RouteTemplate)  # the merged route's keys
+    # set by deidentify.py: applied to each outgoing copy before the routing string is written
+    transform: Callable[[Dataset], None] | None = None
+    uid_map: Callable[[str], str] | None = None  # original UID -> the UID sent
+    phi_findings: list[str] = field(default_factory=list)  # attribute names, never values
 
     @property
     def instances(self) -> list[Instance]:
@@ -105,10 +110,16 @@ def route_study(study: Study, route: Route, drop: ClaimedDrop) -> RoutedStudy:
             routed.excluded.append((series, reason))
         else:
             routed.included.append(series)
-    header = _header(study.instances[0])
-    values = template_values(header, drop, _template_fields(template))
-    labels, problems = render_labels(template, values)
+    label_study(routed, _header(study.instances[0]), drop)
+    return routed
+
+
+def label_study(routed: RoutedStudy, header: Dataset, drop: ClaimedDrop) -> None:
+    """Render the labels and the routing string from `header` (original or de-identified)."""
+    values = template_values(header, drop, _template_fields(routed.template))
+    labels, problems = render_labels(routed.template, values)
     routed.problems.extend(problems)
+    routing_keyword = routed.routing_keyword
     if labels is not None:
         routed.labels = labels
         routed.routing_value = routing_string(labels, routing_keyword)
@@ -117,7 +128,6 @@ def route_study(study: Study, route: Route, drop: ClaimedDrop) -> RoutedStudy:
                 f"routing string is {len(routed.routing_value)} characters; Study Description "
                 f"holds {MAX_ROUTING_STRING}: shorten the labels or use routing_field: "
                 "patient_comments")
-    return routed
 
 
 def filter_reason(series: Series, rules: SeriesFilter | None) -> str | None:

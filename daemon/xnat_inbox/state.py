@@ -45,6 +45,10 @@ CREATE TABLE IF NOT EXISTS progress (
     drop_id TEXT NOT NULL, destination TEXT NOT NULL, study_uid TEXT NOT NULL,
     files INTEGER NOT NULL, bytes INTEGER NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (drop_id, destination, study_uid));
+CREATE TABLE IF NOT EXISTS deid_map (
+    kind TEXT NOT NULL, original TEXT NOT NULL, replacement TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (kind, original));
+CREATE INDEX IF NOT EXISTS deid_map_replacement ON deid_map (replacement);
 """
 
 log = get_logger(step="state")
@@ -219,6 +223,19 @@ class State:
     def skip_studies(self, drop_id: str) -> list[str]:
         rows = self._read("SELECT skip_studies FROM drops WHERE id=?", drop_id)
         return list(json.loads(rows[0][0])) if rows and rows[0][0] else []
+
+    # --- de-identification map (PHI: read only by `xnat-inbox lookup`) ----------------------
+    def record_deid_map(self, rows: list[tuple[str, str, str]]) -> None:
+        """(kind, original, replacement) rows; the first time a value was seen is kept."""
+        with self._write() as db:
+            db.executemany("INSERT OR IGNORE INTO deid_map VALUES (?, ?, ?, ?)",
+                           [(*row, time.time()) for row in rows])
+
+    def deid_lookup(self, value: str) -> list[tuple[str, str, str]]:
+        """Rows whose original or replacement is `value`: (kind, original, replacement)."""
+        return [(r[0], r[1], r[2]) for r in self._read(
+            "SELECT kind, original, replacement FROM deid_map WHERE original=? OR "
+            "replacement=? ORDER BY kind", value, value)]
 
     # --- status -------------------------------------------------------------------------
     def summary(self, today: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,7 +175,8 @@ class DicomSender:
                 f"{self.where} does not accept SOP class {_name(instance.sop_class_uid)} in "
                 f"{_name(instance.transfer_syntax)}: not sent"))
         try:
-            dataset = outgoing_copy(instance, study.routing_keyword, study.routing_value)
+            dataset = outgoing_copy(instance, study.routing_keyword, study.routing_value,
+                                    study.transform)
         except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
             return InstanceOutcome(False, None, f"cannot read {instance.rel}: {exc}")
         try:
@@ -191,11 +192,16 @@ class DicomSender:
         return _outcome(status)
 
 
-def outgoing_copy(instance: Instance, keyword: str, value: str) -> Dataset:
-    """The instance as read from disk, with the routing string set; the file stays untouched."""
+def outgoing_copy(instance: Instance, keyword: str, value: str,
+                  transform: Callable[[Dataset], None] | None = None) -> Dataset:
+    """The instance as read from disk, de-identified by `transform` if the route says so, then
+    with the routing string set (so de-identification can't remove it); the file stays
+    untouched."""
     dataset = dcmread(instance.path, force=True)
     if "TransferSyntaxUID" not in dataset.file_meta:
         dataset.file_meta.TransferSyntaxUID = UID(instance.transfer_syntax)
+    if transform is not None:
+        transform(dataset)
     if value:
         setattr(dataset, keyword, value)
     return dataset

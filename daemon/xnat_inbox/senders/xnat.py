@@ -30,7 +30,7 @@ from .xnat_readback import (
     size_note,
 )
 from .xnat_session import XnatClient, XnatHttpError
-from .zipstream import Counter, LocalFileError, Member, StopUpload, zip_chunks
+from .zipstream import Counter, LocalFileError, Member, StopUpload, Transform, zip_chunks
 
 log = get_logger(step="send")
 PROJECT_CHECK_SECONDS = 600.0  # how long a project check is trusted
@@ -49,6 +49,7 @@ class Plan:
     dest: str
     overwrite: str
     ignore_unparsable: bool
+    transform: Transform | None = None  # de-identification of each file's copy (the route's)
 
     @property
     def archive_uri(self) -> str:
@@ -155,7 +156,7 @@ class XnatSender:
         route, d = study.template, self.destination
         return Plan(study.labels.project, study.labels.subject, study.labels.session,
                     route.dest or d.dest, route.overwrite or d.overwrite,
-                    bool(route.ignore_unparsable))
+                    bool(route.ignore_unparsable), study.transform)
 
     @staticmethod
     def _key(plan: Plan, study: RoutedStudy) -> tuple[str, ...]:
@@ -284,7 +285,8 @@ class XnatSender:
 
     def _upload_one(self, plan: Plan, group: list[Instance], progress: Progress,
                     should_stop: ShouldStop | None) -> str:
-        members = [Member(instance.rel, instance.path, instance.size) for instance in group]
+        members = [Member(instance.rel, instance.path, instance.size, plan.transform)
+                   for instance in group]
         params = {"import-handler": "DICOM-zip", "PROJECT_ID": plan.project,
                   "SUBJECT_ID": plan.subject, "EXPT_LABEL": plan.session,
                   "prevent_auto_commit": "true",
@@ -341,8 +343,9 @@ class XnatSender:
             if row.get("status") in FAILED_STATES:
                 raise failed_state_error(row, where)
         expected = Expected()
+        remap = study.uid_map or (lambda uid: uid)  # XNAT holds the de-identified series UIDs
         for instance in study.instances:
-            expected.add(instance.series_uid, instance.series_number, instance.size)
+            expected.add(remap(instance.series_uid), instance.series_number, instance.size)
         found = held(self.client, where)
         missing = shortfall(expected, found)
         if missing:

@@ -9,17 +9,22 @@ entries may use data descriptors and are read once.
 
 from __future__ import annotations
 
+import io
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 from stream_zip import NO_COMPRESSION_32, NO_COMPRESSION_64, ZIP_32, ZIP_64, stream_zip
 
 CHUNK = 1 << 20
 ZIP32_LIMIT = 0xFFFF_FFFF - (1 << 20)  # stay clear of the 4 GiB zip32 field limit
 MODE = 0o100644  # a regular file, rw-r--r--
+#: changes a file's dataset in place (de-identification); its entry is then the rewritten copy
+Transform = Callable[[Dataset], None]
 
 
 class StopUpload(Exception):
@@ -38,6 +43,7 @@ class Member:
     name: str
     path: Path
     size: int
+    transform: Transform | None = None
 
 
 @dataclass
@@ -71,6 +77,8 @@ def _entry(member: Member, big: bool, compression: str, counter: Counter, after:
     if should_stop and should_stop():
         raise StopUpload("stop requested")
     method = ZIP_64 if big else ZIP_32
+    if member.transform is not None:
+        return _transformed_entry(member, big, compression, counter, after)
     try:
         if compression != "deflate":
             # sizes and CRC known upfront: ZipInputStream-safe STORED entries
@@ -95,6 +103,37 @@ def _read(member: Member, counter: Counter, after: Hook | None) -> Iterator[byte
     if size != member.size:
         raise LocalFileError(f"{member.name} changed size while being sent "
                              f"({member.size} -> {size} bytes)")
+    counter.files += 1
+    if after:
+        after(member)
+
+
+def _transformed_entry(member: Member, big: bool, compression: str, counter: Counter,
+                       after: Hook | None) -> tuple[str, datetime, int, object, Iterable[bytes]]:
+    """The entry for a rewritten copy: read with pydicom, transformed, written to memory (one
+    file at a time); the original file is only read."""
+    assert member.transform is not None
+    try:
+        dataset = dcmread(member.path, force=True)
+        member.transform(dataset)
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        modified = datetime.fromtimestamp(member.path.stat().st_mtime)
+    except OSError as exc:
+        raise LocalFileError(f"cannot read {member.name}: {exc.strerror}") from None
+    except Exception as exc:  # pydicom's errors on a file it can't rewrite
+        raise LocalFileError(f"cannot de-identify {member.name}: {type(exc).__name__}") from None
+    data = buffer.getvalue()
+    method = ZIP_64 if big else ZIP_32
+    if compression != "deflate":
+        method = (NO_COMPRESSION_64 if big else NO_COMPRESSION_32)(len(data), zlib.crc32(data))
+    return member.name, modified, MODE, method, _chunks(data, member, counter, after)
+
+
+def _chunks(data: bytes, member: Member, counter: Counter, after: Hook | None) -> Iterator[bytes]:
+    for start in range(0, len(data), CHUNK):
+        counter.bytes += len(data[start:start + CHUNK])
+        yield data[start:start + CHUNK]
     counter.files += 1
     if after:
         after(member)
