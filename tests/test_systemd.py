@@ -231,6 +231,21 @@ def test_status_follows_a_drop_from_waiting_to_sent(tmp_path, notify, service, i
     assert all(a != b for a, b in itertools.pairwise(lines))
 
 
+def test_status_masks_a_drop_folder_named_after_the_patient(tmp_path, notify, service,
+                                                           inprocess_scp, gate):
+    held = gate(2)
+    config, (inbox,) = site(tmp_path, inprocess_scp(status_for=held))
+    service(config)
+    start = len(notify.messages)
+    drop(tmp_path, inbox, "Doe_Jane_MRI")  # the patient's name, as people name folders
+    sending = notify.wait_for(status_with("sending [PHI]_MRI 2/4"), after=start)
+    held.opened.set()
+    assert wait_for_report(inbox, "Doe_Jane_MRI")[0] == "done"
+    shown = statuses(notify.messages[start:])
+    assert not any("Doe" in line or "Jane" in line for line in shown), shown
+    assert sending > start
+
+
 def test_a_stuck_worker_stops_the_watchdog_until_it_moves_again(tmp_path, notify, service,
                                                                  inprocess_scp, gate):
     held = gate(1)

@@ -44,11 +44,14 @@ class Interrupted(Exception):
 
 class Pipeline:
     def __init__(self, config: SiteConfig, state: State, progress: Progress | None = None,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None,
+                 phi_by_drop: dict[str, re.Pattern[str] | None] | None = None) -> None:
         self.config = config
         self.state = state
         self.progress = progress
         self.stop = stop or threading.Event()
+        # each drop's PHI values, so what the service shows of a drop (STATUS=) can mask them
+        self.phi_by_drop = {} if phi_by_drop is None else phi_by_drop
         self._senders: dict[str, Sender] = {}
         self._lock = threading.Lock()
 
@@ -91,7 +94,7 @@ class Pipeline:
                 raise TransientFailure(f"cannot unpack {drop.name}: {exc.strerror}; "
                                        "retried once there is space") from None
             report.timings["scan_seconds"] = time.monotonic() - started
-            phi = phi_pattern(scan.phi)
+            phi = self.phi_by_drop[drop.id] = phi_pattern(scan.phi)
             with phi_scope(phi):
                 log.info("scanned", stage="scan", files=len(scan.files), studies=len(scan.studies),
                          **scan.counts())

@@ -74,7 +74,8 @@ def apply(daemon: Daemon, new: SiteConfig) -> None:
     daemon.watchers = unchanged
     old_paths = {inbox.path for inbox in old.inboxes}
     daemon.config = new
-    daemon.pipeline = Pipeline(new, daemon.state, daemon.pipeline.progress, daemon.stop)
+    daemon.pipeline = Pipeline(new, daemon.state, daemon.pipeline.progress, daemon.stop,
+                               daemon.pipeline.phi_by_drop)
     set_log_phi(new.log_phi)
     for inbox in new.inboxes:
         if any(w.inbox.path == inbox.path for w in unchanged):

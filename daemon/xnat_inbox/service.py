@@ -211,6 +211,7 @@ class Daemon:
         finally:
             self.progress.pop(drop.id, None)
             self.last_activity.pop(drop.id, None)
+            self.pipeline.phi_by_drop.pop(drop.id, None)
         self.drops.pop(drop.id, None)
         if destination != UNROUTED and self.state.destination_health(destination, up=True):
             self.log.info("destination reachable again", destination=destination)

@@ -10,7 +10,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .logs import get_logger
+from .logs import get_logger, redact
 from .notify import Notifier
 
 if TYPE_CHECKING:
@@ -121,7 +121,12 @@ class Supervisor:
 
     def _describe(self, drop_id: str) -> str:
         drop = self.daemon.drops.get(drop_id)
-        name = drop.relative_origin if drop else drop_id
+        # anyone on the host may read `systemctl status`: a folder named after the patient
+        # shows as [PHI] once the drop's headers have been read
+        phis = self.daemon.pipeline.phi_by_drop
+        if drop_id not in phis:
+            return "reading a drop"  # its name is shown once its PHI values are known
+        name = redact(drop.relative_origin, phis[drop_id]) if drop else drop_id
         if drop_id in self.hung:
             return f"STUCK {name}"
         progress = self.daemon.progress.get(drop_id)
