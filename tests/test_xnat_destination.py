@@ -8,12 +8,13 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.daemon_runner import REPO, wait_for_report, write_config
+from tests.daemon_runner import REPO, DaemonProcess, wait_for_report, write_config
 from tests.fake_xnat import UNASSIGNED, FakeXnat
 from xnat_inbox.config import XnatDestination
 from xnat_inbox.route import Labels, RoutedStudy
@@ -283,6 +284,36 @@ def test_archive_step_failure_continues_with_the_uploaded_entry(tmp_path, xnat, 
     paths = [r["path"] for r in xnat.requests()]
     assert paths.count("/data/services/import") == 1  # not uploaded again
     assert paths.count("/data/services/archive") == (2 if "status" in fault else 1)
+    assert len(archived(xnat)["files"]) == SENT and not xnat.prearchive()
+
+
+def test_a_restart_between_upload_and_archive_continues_with_the_uploaded_entry(tmp_path,
+                                                                                xnat):
+    xnat.add_fault(path_prefix="/data/services/archive", status=503, times=-1)
+    config, inbox = site(tmp_path, xnat_destination(
+        xnat, tmp_path, dest="archive",
+        retry={"max_attempts": 50, "initial_backoff": 0.2, "max_backoff": 0.3}))
+    first = DaemonProcess(config, tmp_path / "daemon-1.log").start()
+    try:
+        drop(tmp_path, inbox, "MR_RESTART")
+        deadline = time.monotonic() + 60
+        while [r["path"] for r in xnat.requests()].count("/data/services/archive") < 2:
+            assert time.monotonic() < deadline, first.text()[-3000:]
+            time.sleep(0.05)
+        assert first.proc is not None
+        first.proc.kill()  # kill -9 after the upload, with the archive step still failing
+        first.proc.wait(timeout=10)
+    finally:
+        first.stop()
+    xnat.clear_faults()
+    second = DaemonProcess(config, tmp_path / "daemon-2.log").start()
+    try:
+        outcome, report, _ = wait_for_report(inbox, "MR_RESTART", daemon=second)
+    finally:
+        second.stop()
+    assert outcome == "done", report["reasons"]
+    paths = [r["path"] for r in xnat.requests()]
+    assert paths.count("/data/services/import") == 1  # the restart did not upload again
     assert len(archived(xnat)["files"]) == SENT and not xnat.prearchive()
 
 

@@ -25,7 +25,7 @@ from .report import DropReport, StudyResult
 from .route import RoutedStudy, RouteError, resolve_route, route_study
 from .scan import Instance, Kind, ScanResult, scan_drop
 from .senders import Delivery, InstanceOutcome, Sender, make_sender
-from .state import State
+from .state import Memo, State
 from .unpack import UnpackError, unpack
 from .verify import verify_delivery
 from .watch import is_archive_name
@@ -58,7 +58,8 @@ class Pipeline:
     def sender(self, name: str) -> Sender:
         with self._lock:
             if name not in self._senders:
-                self._senders[name] = make_sender(name, self.config.destinations[name])
+                self._senders[name] = make_sender(name, self.config.destinations[name],
+                                                  Memo(self.state, f"sender {name}"))
             return self._senders[name]
 
     def destination_of(self, drop: ClaimedDrop) -> str | None:

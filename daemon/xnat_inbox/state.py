@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE TABLE IF NOT EXISTS destinations (
     name TEXT PRIMARY KEY, up INTEGER NOT NULL, since REAL NOT NULL, error TEXT,
     next_try REAL);
+CREATE TABLE IF NOT EXISTS memos (
+    scope TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (scope, key));
 CREATE TABLE IF NOT EXISTS retry_requests (
     origin TEXT PRIMARY KEY, skip_studies TEXT NOT NULL, requested_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS progress (
@@ -261,6 +263,41 @@ class State:
                               "error": r[3], "next_try": _iso(r[4]) if r[4] else None}
                              for r in health],
         }
+
+
+class Memo(MutableMapping[str, str]):
+    """A sender's small durable notes (e.g. an XNAT prearchive entry already uploaded), so a
+    retry after a restart continues where the last attempt stopped."""
+
+    def __init__(self, state: State, scope: str) -> None:
+        self.state = state
+        self.scope = scope
+
+    def __getitem__(self, key: str) -> str:
+        rows = self.state._read("SELECT value FROM memos WHERE scope=? AND key=?",
+                                self.scope, key)
+        if not rows:
+            raise KeyError(key)
+        return str(rows[0][0])
+
+    def __setitem__(self, key: str, value: str) -> None:
+        with self.state._write() as db:
+            db.execute("INSERT OR REPLACE INTO memos VALUES (?, ?, ?)", (self.scope, key, value))
+
+    def __delitem__(self, key: str) -> None:
+        with self.state._write() as db:
+            gone = db.execute("DELETE FROM memos WHERE scope=? AND key=?",
+                              (self.scope, key)).rowcount
+        if not gone:
+            raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        rows = self.state._read("SELECT key FROM memos WHERE scope=?", self.scope)
+        return iter([str(row[0]) for row in rows])
+
+    def __len__(self) -> int:
+        return int(self.state._read("SELECT count(*) FROM memos WHERE scope=?",
+                                    self.scope)[0][0])
 
 
 def _iso(epoch: float) -> str:

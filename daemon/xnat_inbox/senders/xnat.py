@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -92,15 +92,17 @@ class Progress:
 
 
 class XnatSender:
-    def __init__(self, name: str, destination: XnatDestination) -> None:
+    def __init__(self, name: str, destination: XnatDestination,
+                 memo: MutableMapping[str, str] | None = None) -> None:
         self.name = name
         self.destination = destination
         self.client = XnatClient(name, destination)
         self._projects_checked: dict[str, float] = {}
         self._writable: tuple[float, set[str] | None] | None = None
         # prearchive entries whose upload completed, by study: a retry after a failed commit or
-        # archive continues from there instead of uploading into a second entry
-        self._uploaded: dict[tuple[str, ...], str] = {}
+        # archive (even after a restart: the memo is in the state DB) continues from there
+        # instead of uploading into a second entry
+        self._uploaded: MutableMapping[str, str] = {} if memo is None else memo
 
     # --- check and shutdown ----------------------------------------------------------
     def check(self) -> str:
@@ -159,8 +161,8 @@ class XnatSender:
                     bool(route.ignore_unparsable), study.transform)
 
     @staticmethod
-    def _key(plan: Plan, study: RoutedStudy) -> tuple[str, ...]:
-        return (study.study.uid, plan.project, plan.subject, plan.session)
+    def _key(plan: Plan, study: RoutedStudy) -> str:
+        return "/".join((plan.project, plan.subject, plan.session, study.study.uid))
 
     def _deliver(self, plan: Plan, study: RoutedStudy, instances: list[Instance],
                  progress: Progress, should_stop: ShouldStop | None) -> str:
