@@ -10,6 +10,8 @@ import pytest
 from tests.daemon_runner import DaemonProcess
 from tests.peers import InProcessSCP, Orthanc, StoreSCP
 
+pytest_plugins = ["tests.systemd_support"]  # the systemd tests' fixtures
+
 
 @pytest.fixture(autouse=True)
 def _pynetdicom_warnings_visible(caplog: pytest.LogCaptureFixture) -> None:
