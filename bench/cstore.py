@@ -37,7 +37,7 @@ def send_with_daemon_sender(folder: Path, port: int, aet: str) -> int:
     routed = RoutedStudy(study, "bench", Labels("Bench", "BENCH001", "BENCH001_S1"),
                          "StudyDescription", ROUTING, included=list(study.series.values()))
     destination = DicomDestination(type="dicom", host="127.0.0.1", port=port, called_ae=aet)
-    delivery = DicomSender("bench", destination).send(routed)
+    delivery = DicomSender("bench", destination).send(routed, routed.instances)
     if delivery.error or delivery.stored != len(study.instances):
         print(f"sender failed: {delivery.error}; stored {delivery.stored}", file=sys.stderr)
         return 1
