@@ -39,6 +39,7 @@ test: $(SYSTEMD_STAMP)
 
 bench: $(STAMP) system-deps
 	$(BIN)/python bench/cstore.py
+	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/rest.py
 
 lint: $(STAMP)

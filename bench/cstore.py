@@ -1,10 +1,13 @@
 """C-STORE throughput: the daemon's sender against dcmtk's storescu, same files, same storescp.
 
-Both run as whole processes (start-up included), alternately, pair by pair, so machine drift
-cancels in each pair's ratio. ratio = storescu seconds / our seconds (1.0 = as fast as storescu).
-Ends with one JSON line.
+All run as whole processes (start-up included), alternately, pair by pair, so machine drift
+cancels in each pair's ratio: ours with one association, storescu, ours with --associations.
+ratio = storescu seconds / our seconds (1.0 = as fast as storescu), for the whole process and
+for our send phase alone (the daemon pays Python's start-up once, and scans every drop's headers
+whatever its destination; storescu's figure is always its whole process). The receiver is one
+`storescp --fork` (an association per child), TCP_NODELAY=1. Ends with one JSON line.
 
-    python bench/cstore.py [--instances 1000] [--pairs 3]
+    python bench/cstore.py [--instances 1000] [--pairs 3] [--associations 2]
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ sys.path.insert(0, str(REPO))
 ROUTING = "xnat://Bench/BENCH001/BENCH001_S1"
 
 
-def send_with_daemon_sender(folder: Path, port: int, aet: str) -> int:
-    """The daemon's own code path: scan the folder, then DicomSender with the routing string."""
+def send_with_daemon_sender(folder: Path, port: int, aet: str, associations: int) -> int:
+    """The daemon's own code path: scan the folder, then DicomSender with the routing string;
+    prints the seconds of the send phase."""
     from xnat_inbox.config import DicomDestination
     from xnat_inbox.route import Labels, RoutedStudy
     from xnat_inbox.scan import scan_drop
@@ -36,18 +40,26 @@ def send_with_daemon_sender(folder: Path, port: int, aet: str) -> int:
     [study] = scan_drop(folder).studies.values()
     routed = RoutedStudy(study, "bench", Labels("Bench", "BENCH001", "BENCH001_S1"),
                          "StudyDescription", ROUTING, included=list(study.series.values()))
-    destination = DicomDestination(type="dicom", host="127.0.0.1", port=port, called_ae=aet)
-    delivery = DicomSender("bench", destination).send(routed)
+    destination = DicomDestination(type="dicom", host="127.0.0.1", port=port, called_ae=aet,
+                                   associations=associations)
+    started = time.perf_counter()
+    delivery = DicomSender("bench", destination).send(routed, routed.instances)
+    seconds = time.perf_counter() - started
     if delivery.error or delivery.stored != len(study.instances):
         print(f"sender failed: {delivery.error}; stored {delivery.stored}", file=sys.stderr)
         return 1
+    print(json.dumps({"send_s": seconds, "associations": delivery.associations}))
     return 0
 
 
-def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(whole process seconds, send phase seconds: ours print it, storescu's is its whole)"""
     started = time.perf_counter()
-    subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    done = subprocess.run(argv, check=True, env=env, stdout=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - started
+    lines = done.stdout.strip().splitlines()
+    send = json.loads(lines[-1])["send_s"] if argv[0] == sys.executable else seconds
+    return seconds, send
 
 
 def main() -> int:
@@ -55,11 +67,14 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--send", nargs=3, metavar=("FOLDER", "PORT", "AET"),
+    parser.add_argument("--associations", type=int, default=2,
+                        help="our parallel run's associations (destination key `associations`)")
+    parser.add_argument("--send", nargs=4, metavar=("FOLDER", "PORT", "AET", "N"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.send:
-        return send_with_daemon_sender(Path(args.send[0]), int(args.send[1]), args.send[2])
+        return send_with_daemon_sender(Path(args.send[0]), int(args.send[1]), args.send[2],
+                                       int(args.send[3]))
 
     from tests.peers import StoreSCP
     from xnat_inbox.synthetic import write_benchmark_session
@@ -73,35 +88,65 @@ def main() -> int:
         session = write_benchmark_session(work / "session", count=args.instances)
         megabytes = sum(p.stat().st_size for p in session.files) / 1e6
         env = {**os.environ, "TCP_NODELAY": "1"}
-        ours_cmd = [sys.executable, __file__, "--send", str(work / "session")]
         rows = []
-        with StoreSCP(work) as scp:
-            ours_cmd += [str(scp.port), scp.aet]
+        with StoreSCP(work, fork=True) as scp:
+            ours = [sys.executable, __file__, "--send", str(work / "session"), str(scp.port),
+                    scp.aet]
+            one_cmd, many_cmd = [*ours, "1"], [*ours, str(args.associations)]
             ref_cmd = [storescu, "-aec", scp.aet, "+sd", "+r", "127.0.0.1", str(scp.port),
                        str(work / "session")]
             for pair in range(1, args.pairs + 1):
-                ours = timed(ours_cmd)
-                _empty(scp.output_dir)
-                reference = timed(ref_cmd, env)
-                _empty(scp.output_dir)
-                rows.append((pair, ours, reference, reference / ours))
-    print(f"C-STORE of {args.instances} instances ({megabytes:.0f} MB) to dcmtk storescp on "
-          "127.0.0.1, storescp writing to disk, TCP_NODELAY=1")
-    print(f"{'pair':>4} {'xnat-inbox s':>13} {'storescu s':>11} {'ratio':>7}")
-    for pair, ours, reference, ratio in rows:
-        print(f"{pair:>4} {ours:>13.2f} {reference:>11.2f} {ratio:>7.3f}")
-    ratio = statistics.median(row[3] for row in rows)
-    ours_median = statistics.median(row[1] for row in rows)
-    print(json.dumps({"bench": "cstore", "ratio": round(ratio, 3),
-                      "instances": args.instances, "ours_s": round(ours_median, 3),
-                      "storescu_s": round(statistics.median(row[2] for row in rows), 3),
-                      "instances_per_s": round(args.instances / ours_median, 1),
-                      "associations": 1, "pairs": args.pairs}))
+                runs = {}
+                order = [("one", one_cmd, None), ("ref", ref_cmd, env), ("many", many_cmd, None)]
+                if pair % 2 == 0:
+                    order.reverse()
+                for name, argv, run_env in order:
+                    runs[name] = timed(argv, run_env)
+                    _empty(scp.output_dir, args.instances)
+                rows.append((pair, runs["one"], runs["many"], runs["ref"][0]))
+    n = args.associations
+    print(f"C-STORE of {args.instances} instances ({megabytes:.0f} MB) to dcmtk storescp --fork "
+          "on 127.0.0.1, writing to disk, TCP_NODELAY=1; seconds of the whole process "
+          "(our send phase in brackets); ratio = storescu s / ours")
+    print(f"{'pair':>4} {'ours 1 assoc':>17} {f'ours {n} assoc':>17} {'storescu':>9} "
+          f"{'ratio 1':>8} {f'ratio {n}':>8} {'send 1':>7} {f'send {n}':>7}")
+    table = []
+    for pair, one, many, ref in rows:
+        r = (ref / one[0], ref / many[0], ref / one[1], ref / many[1])
+        table.append(r)
+        print(f"{pair:>4} {one[0]:>8.2f} ({one[1]:>5.2f}) {many[0]:>8.2f} ({many[1]:>5.2f}) "
+              f"{ref:>9.2f} {r[0]:>8.3f} {r[1]:>8.3f} {r[2]:>7.3f} {r[3]:>7.3f}")
+
+    def median(values: list[float]) -> float:
+        return round(statistics.median(values), 3)
+
+    print(json.dumps({
+        "bench": "cstore", "ratio": median([r[1] for r in table]),
+        "ratio_one_association": median([r[0] for r in table]),
+        "send_ratio": median([r[3] for r in table]),
+        "send_ratio_one_association": median([r[2] for r in table]),
+        "instances": args.instances, "associations": n,
+        "ours_s": median([row[2][0] for row in rows]),
+        "ours_one_association_s": median([row[1][0] for row in rows]),
+        "ours_send_s": median([row[2][1] for row in rows]),
+        "ours_one_association_send_s": median([row[1][1] for row in rows]),
+        "storescu_s": median([row[3] for row in rows]),
+        "instances_per_s": round(args.instances / statistics.median(row[2][0] for row in rows),
+                                 1),
+        "pairs": args.pairs}))
     return 0
 
 
-def _empty(folder: Path) -> None:
-    for path in folder.iterdir():
+def _empty(folder: Path, expected: int) -> None:
+    """Check every instance arrived (storescp --fork writes from its children), then clear."""
+    files = list(folder.rglob("*"))
+    stored = [path for path in files if path.is_file()]
+    if len(stored) != expected:
+        time.sleep(0.5)
+        stored = [path for path in folder.rglob("*") if path.is_file()]
+    if len(stored) != expected:
+        raise SystemExit(f"the receiver holds {len(stored)} of {expected} instances")
+    for path in stored:
         path.unlink()
 
 

@@ -3,6 +3,8 @@ pynetdicom SCP whose answers the test chooses."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,10 @@ from pynetdicom import AllStoragePresentationContexts
 
 from tests.daemon_runner import dicom_destination, wait_for_report, write_config
 from tests.test_e2e_cstore import ROUTE, copy_in
-from xnat_inbox.senders.dicom import MAX_CONTEXTS
+from xnat_inbox.config import DicomDestination
+from xnat_inbox.route import Labels, RoutedStudy
+from xnat_inbox.scan import scan_drop
+from xnat_inbox.senders.dicom import MAX_CONTEXTS, DicomSender
 from xnat_inbox.synthetic import SeriesSpec, write_session
 
 pytestmark = pytest.mark.e2e
@@ -87,3 +92,77 @@ def test_more_than_128_contexts_are_split_over_associations(tmp_path, inprocess_
     assert study["associations"] == 2
     assert study["stored"] == len(classes) == len(scp.received)
     assert scp.accepted_associations == 2
+
+
+def test_parallel_associations_deliver_every_instance_once_in_order(tmp_path, inprocess_scp):
+    """associations: 3 sends over three associations at once; outcomes are reported on the
+    caller's thread in send order; never more than 3 instances are in flight."""
+    busy, most = [0], [0]
+    lock = threading.Lock()
+
+    def status_for(ds, index):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        time.sleep(0.005)  # let the other lanes' requests arrive meanwhile
+        with lock:
+            busy[0] -= 1
+        return 0xB000 if index == 4 else 0x0000
+
+    scp = inprocess_scp(status_for=status_for)
+    session = write_session(tmp_path / "PAR", series=(SeriesSpec("T1", 10), SeriesSpec("T2", 8)))
+    [study] = scan_drop(tmp_path / "PAR").studies.values()
+    routed = RoutedStudy(study, "scp", Labels("P", "S", "E"), "StudyDescription",
+                         "xnat://P/S/E", included=list(study.series.values()))
+    destination = DicomDestination.model_validate(dicom_destination(scp, associations=3))
+    reported: list[tuple[str, bool, str]] = []
+    caller = threading.get_ident()
+
+    def on_instance(instance, outcome):
+        assert threading.get_ident() == caller
+        reported.append((instance.sop_instance_uid, outcome.stored, threading.current_thread()))
+
+    delivery = DicomSender("scp", destination).send(routed, routed.instances, on_instance)
+    assert delivery.error is None and delivery.associations == 3
+    assert [uid for uid, _, _ in reported] == [i.sop_instance_uid for i in routed.instances]
+    assert all(stored for _, stored, _ in reported)
+    assert scp.accepted_associations == 3
+    received = [ds.SOPInstanceUID for ds in scp.received]
+    assert sorted(received) == sorted(session.sop_instance_uids)  # each once
+    assert {ds.StudyDescription for ds in scp.received} == {"xnat://P/S/E"}
+    originals = {dcmread(p).SOPInstanceUID: dcmread(p).PixelData for p in session.files}
+    assert all(ds.PixelData == originals[ds.SOPInstanceUID] for ds in scp.received)
+    assert most[0] <= 3
+
+
+def test_parallel_associations_stop_between_instances(tmp_path, inprocess_scp):
+    scp = inprocess_scp()
+    write_session(tmp_path / "STOP", series=(SeriesSpec("T1", 12),))
+    [study] = scan_drop(tmp_path / "STOP").studies.values()
+    routed = RoutedStudy(study, "scp", Labels("P", "S", "E"), "StudyDescription",
+                         "xnat://P/S/E", included=list(study.series.values()))
+    destination = DicomDestination.model_validate(dicom_destination(scp, associations=2))
+    seen: list[str] = []
+    delivery = DicomSender("scp", destination).send(
+        routed, routed.instances, lambda i, o: seen.append(i.sop_instance_uid),
+        should_stop=lambda: len(seen) >= 5)
+    assert delivery.interrupted
+    # every instance sent was reported; at most 2 (the lanes) went out after the stop was asked
+    assert seen == [i.sop_instance_uid for i in routed.instances][:len(seen)]
+    assert 5 <= len(seen) <= 7 and len(scp.received) == len(seen)
+
+
+def test_parallel_associations_through_the_daemon(tmp_path, inprocess_scp, daemon):
+    scp = inprocess_scp()
+    inbox = tmp_path / "inbox"
+    config = write_config(tmp_path, {"scp": dicom_destination(scp, associations=4)},
+                          [{"path": str(inbox), "route": {"destination": "scp", **ROUTE,
+                                                          "series": None}}])
+    write_session(tmp_path / "src" / "PARD", series=(SeriesSpec("T1", 9), SeriesSpec("T2", 7)))
+    proc = daemon(config)
+    copy_in(tmp_path / "src" / "PARD", inbox)
+    outcome, report, _ = wait_for_report(inbox, "PARD", daemon=proc)
+    assert outcome == "done", report["reasons"]
+    assert report["studies"][0]["stored"] == 16
+    assert scp.accepted_associations == 4
+    assert len({ds.SOPInstanceUID for ds in scp.received}) == len(scp.received) == 16

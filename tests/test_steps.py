@@ -8,14 +8,23 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from xnat_inbox.claim import claim, claimed_drops
 from xnat_inbox.config import InboxConfig
+from xnat_inbox.route import Labels, RoutedStudy
 from xnat_inbox.scan import Kind, scan_drop
-from xnat_inbox.senders.dicom import association_batches, context_key
+from xnat_inbox.senders.dicom import (
+    association_batches,
+    context_key,
+    outgoing_header,
+    routing_splice,
+)
 from xnat_inbox.settle import RECHECK_SECONDS, SettleTracker
-from xnat_inbox.synthetic import SeriesSpec, write_session
+from xnat_inbox.synthetic import SUPPORTED_TRANSFER_SYNTAXES, SeriesSpec, write_session
 from xnat_inbox.watch import DropRef, drop_for_path, existing_drops, filesystem_type
 
 
@@ -143,3 +152,40 @@ def test_association_batches_hold_at_most_128_contexts(tmp_path):
     assert sum(len(members) for _, members in batches) == 300
     for keys, members in batches:
         assert {context_key(i) for i in members} <= set(keys)
+
+
+@pytest.mark.parametrize("syntax", sorted(SUPPORTED_TRANSFER_SYNTAXES))
+@pytest.mark.parametrize("keyword", ["StudyDescription", "PatientComments"])
+def test_routing_splice_sends_what_the_pydicom_header_path_sends(tmp_path, syntax, keyword):
+    """The fast path (routing element spliced into the file's bytes) and outgoing_header (the
+    place a header transform runs) produce the same dataset; the file stays untouched."""
+    session = write_session(tmp_path / "s", series=(SeriesSpec("T1", 2),),
+                            transfer_syntax=syntax,
+                            extra={"ReferencedStudySequence": [Dataset()]})
+    [study] = scan_drop(tmp_path / "s").studies.values()
+    routed = RoutedStudy(study, "scp", Labels("P", "S", "E"), keyword, "Project: P Subject: S",
+                         included=list(study.series.values()))
+    for instance in routed.instances:
+        before = instance.path.read_bytes()
+        with instance.path.open("rb") as fp:
+            splice = routing_splice(fp, instance, routed)
+            if syntax == DeflatedExplicitVRLittleEndian:
+                assert splice is None
+                continue
+            assert splice is not None
+            head, offset = splice
+            fp.seek(offset)
+            sent = head + fp.read()
+        expected = outgoing_header(instance, routed, whole=True)
+        uid = UID(syntax)
+        got = _decode(sent, uid)
+        assert getattr(got, keyword) == "Project: P Subject: S"
+        assert [e.tag for e in got] == [e.tag for e in expected]
+        for element in expected:
+            assert got[element.tag].value == element.value, element.keyword
+        assert instance.path.read_bytes() == before
+    assert session.files
+
+
+def _decode(raw: bytes, syntax: UID) -> Dataset:
+    return read_dataset(DicomBytesIO(raw), syntax.is_implicit_VR, syntax.is_little_endian)

@@ -56,6 +56,8 @@ class DicomDestination(Strict):
     dimse_timeout: float = Field(60.0, gt=0)
     network_timeout: float = Field(60.0, gt=0)
     max_pdu: int = Field(131072, ge=0, description="our maximum receive PDU; 0 = unlimited")
+    associations: int = Field(1, ge=1, le=8, description="parallel associations per study; "
+                              "more than 1 needs a receiver that accepts them at once")
     retry: RetryPolicy = RetryPolicy()
 
 
