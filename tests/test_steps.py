@@ -17,12 +17,8 @@ from xnat_inbox.claim import claim, claimed_drops
 from xnat_inbox.config import InboxConfig
 from xnat_inbox.route import Labels, RoutedStudy
 from xnat_inbox.scan import Kind, scan_drop
-from xnat_inbox.senders.dicom import (
-    association_batches,
-    context_key,
-    outgoing_header,
-    routing_splice,
-)
+from xnat_inbox.senders.dicom import association_batches, context_key, outgoing_header
+from xnat_inbox.senders.dicom_splice import routing_splice
 from xnat_inbox.settle import RECHECK_SECONDS, SettleTracker
 from xnat_inbox.synthetic import SUPPORTED_TRANSFER_SYNTAXES, SeriesSpec, write_session
 from xnat_inbox.watch import DropRef, drop_for_path, existing_drops, filesystem_type
