@@ -82,22 +82,25 @@ def assert_nothing_lost(inbox: Path, drops: dict[str, tuple[set[str], dict]],
 
 def test_kill_9_at_random_points_loses_nothing(tmp_path):
     rng = random.Random(20261125)
-    drops = make_drops(tmp_path, count=10, instances=200)
+    drops = make_drops(tmp_path, count=16, instances=160)
     kills = kills_mid_send = 0
     with StoreSCP(tmp_path, unique_filenames=True) as scp:
         config, inbox = site(tmp_path, scp)
-        for name in drops:
-            (tmp_path / "staging" / name).rename(inbox / name)
+        pending = list(drops)
         started: list[DaemonProcess] = []
         try:
             for cycle in range(24):
+                # keep drops arriving, so there is always something to send when a kill lands
+                for name in pending[:4 if cycle == 0 else 1]:
+                    (tmp_path / "staging" / name).rename(inbox / name)
+                pending = pending[4 if cycle == 0 else 1:]
                 before = len(scp.files())
                 process = DaemonProcess(config, tmp_path / f"daemon-{cycle}.log").start()
                 started.append(process)
                 if cycle % 3 == 0:  # anywhere: settling, claiming, scanning, finishing
                     time.sleep(rng.uniform(0.05, 2.0))
                 else:  # somewhere in the middle of a send
-                    deadline = time.monotonic() + 10
+                    deadline = time.monotonic() + 5
                     while len(scp.files()) == before and time.monotonic() < deadline:
                         time.sleep(0.01)
                     time.sleep(rng.uniform(0.0, 0.4))
