@@ -22,7 +22,7 @@ from .deidentify import prepare as deidentify
 from .finish import FinishError, complete_finish, finish, finish_pending, plan_target
 from .logs import drop_log, get_logger, phi_pattern, phi_scope
 from .report import DropReport, StudyResult
-from .route import RoutedStudy, RouteError, resolve_route, route_study
+from .route import Route, RoutedStudy, RouteError, resolve_route, route_study
 from .scan import Instance, Kind, ScanResult, scan_drop
 from .senders import Delivery, InstanceOutcome, Sender, make_sender
 from .state import Memo, State
@@ -64,10 +64,8 @@ class Pipeline:
 
     def destination_of(self, drop: ClaimedDrop) -> str | None:
         """The destination the drop's route names, or None when it has no usable route."""
-        try:
-            return resolve_route(drop, set(self.config.destinations)).destination
-        except RouteError:
-            return None
+        route = self._route(drop)
+        return route.destination if isinstance(route, Route) else None
 
     def process(self, drop: ClaimedDrop, give_up: str | None = None) -> Path:
         """One attempt: deliver what is missing and finish, or raise TransientFailure /
@@ -86,7 +84,9 @@ class Pipeline:
             log = get_logger(drop=drop.relative_origin, drop_id=drop.id)
             report = DropReport(drop)
             started = time.monotonic()
-            attempt = self.state.start_attempt(drop.id, self.destination_of(drop))
+            route = self._route(drop)  # once per attempt: it reads every route.yaml above
+            attempt = self.state.start_attempt(
+                drop.id, route.destination if isinstance(route, Route) else None)
             try:
                 report.scan = scan = self._scan(drop, report)
             except OSError as exc:  # a full disk while unpacking: worth another try
@@ -100,7 +100,7 @@ class Pipeline:
                 log.info("scanned", stage="scan", files=len(scan.files), studies=len(scan.studies),
                          **scan.counts())
                 try:
-                    self._deliver(drop, report, log, give_up)
+                    self._deliver(drop, report, log, give_up, route)
                 except (TransientFailure, Interrupted) as exc:
                     self.state.end_attempt(drop.id, attempt, type(exc).__name__, str(exc))
                     raise
@@ -110,6 +110,12 @@ class Pipeline:
                                           "originals are kept; please report this")
                 report.timings["total_seconds"] = time.monotonic() - started
                 return self._finish(drop, report, attempt, lines, log, phi)
+
+    def _route(self, drop: ClaimedDrop) -> Route | RouteError:
+        try:
+            return resolve_route(drop, set(self.config.destinations))
+        except RouteError as exc:
+            return exc
 
     def _scan(self, drop: ClaimedDrop, report: DropReport) -> ScanResult:
         root = drop.path
@@ -140,15 +146,14 @@ class Pipeline:
         return target
 
     def _deliver(self, drop: ClaimedDrop, report: DropReport, log: BoundLogger,
-                 give_up: str | None) -> None:
+                 give_up: str | None, route: Route | RouteError) -> None:
         scan = report.scan
         assert scan is not None
-        try:
-            report.route = route = resolve_route(drop, set(self.config.destinations))
-        except RouteError as exc:
-            report.reasons.append(str(exc))
-            log.error("no route", stage="route", reason=str(exc))
+        if isinstance(route, RouteError):
+            report.reasons.append(str(route))
+            log.error("no route", stage="route", reason=str(route))
             return
+        report.route = route
         if not route.template.ignore_unparsable and (bad := scan.of_kind(Kind.NOT_DICOM,
                                                                          Kind.UNREADABLE)):
             names = ", ".join(entry.rel for entry in bad[:5])
