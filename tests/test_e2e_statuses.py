@@ -94,9 +94,9 @@ def test_more_than_128_contexts_are_split_over_associations(tmp_path, inprocess_
     assert scp.accepted_associations == 2
 
 
-def test_parallel_associations_deliver_every_instance_once_in_order(tmp_path, inprocess_scp):
-    """associations: 3 sends over three associations at once; outcomes are reported on the
-    caller's thread in send order; never more than 3 instances are in flight."""
+def test_parallel_associations_deliver_every_instance_once(tmp_path, inprocess_scp):
+    """associations: 3 sends over three associations at once; every outcome is reported once,
+    on the caller's thread (the state DB's one writer); never more than 3 instances in flight."""
     busy, most = [0], [0]
     lock = threading.Lock()
 
@@ -124,7 +124,7 @@ def test_parallel_associations_deliver_every_instance_once_in_order(tmp_path, in
 
     delivery = DicomSender("scp", destination).send(routed, routed.instances, on_instance)
     assert delivery.error is None and delivery.associations == 3
-    assert [uid for uid, _, _ in reported] == [i.sop_instance_uid for i in routed.instances]
+    assert sorted(uid for uid, _, _ in reported) == sorted(session.sop_instance_uids)
     assert all(stored for _, stored, _ in reported)
     assert scp.accepted_associations == 3
     received = [ds.SOPInstanceUID for ds in scp.received]
@@ -148,7 +148,7 @@ def test_parallel_associations_stop_between_instances(tmp_path, inprocess_scp):
         should_stop=lambda: len(seen) >= 5)
     assert delivery.interrupted
     # every instance sent was reported; at most 2 (the lanes) went out after the stop was asked
-    assert seen == [i.sop_instance_uid for i in routed.instances][:len(seen)]
+    assert set(seen) == {i.sop_instance_uid for i in routed.instances[:len(seen)]}
     assert 5 <= len(seen) <= 7 and len(scp.received) == len(seen)
 
 

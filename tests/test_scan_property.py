@@ -1,5 +1,5 @@
-"""Property: random file trees of random bytes never crash the scanner, and every file that
-went in is accounted for in the report."""
+"""Properties: random file trees of random bytes never crash the scanner, and every file that
+went in is accounted for in the report; the scan's raw-header reading agrees with pydicom's."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydicom.uid import ImplicitVRLittleEndian
 
 from xnat_inbox.claim import ClaimedDrop
 from xnat_inbox.config import InboxConfig
+from xnat_inbox.headers import plain_instance, pydicom_header
+from xnat_inbox.rawheader import HEADER_WINDOW, has_preamble
 from xnat_inbox.report import DropReport
 from xnat_inbox.scan import scan_drop
-from xnat_inbox.synthetic import SeriesSpec, write_session
+from xnat_inbox.synthetic import Patient, SeriesSpec, write_session
 
 pytestmark = pytest.mark.corpus
 
@@ -24,9 +27,9 @@ NAME = st.text(alphabet=st.characters(blacklist_characters="/\0", blacklist_cate
                                                len(n.encode()) < 200)
 
 
-def _sample_dicom() -> bytes:
+def _sample_dicom(**options: object) -> bytes:
     with tempfile.TemporaryDirectory() as folder:
-        session = write_session(Path(folder), series=(SeriesSpec("T1", 1),))
+        session = write_session(Path(folder), series=(SeriesSpec("T1", 1),), **options)
         return session.files[0].read_bytes()
 
 
@@ -61,3 +64,55 @@ def test_random_trees_never_crash_the_scanner(tmp_path_factory, tree):
     reported = {entry["path"] for entry in report["files"]["entries"]}
     assert reported == written
     assert report["files"]["total"] == len(written) == sum(report["files"]["by_kind"].values())
+
+
+#: files the raw-header reading must take itself (else the agreement below would say little)
+PLAIN_SAMPLES = {
+    "explicit VR": SAMPLE,
+    "implicit VR": _sample_dicom(transfer_syntax=ImplicitVRLittleEndian),
+    "UTF-8 names": _sample_dicom(patient=Patient(patient_id="SÜBJ-1", patient_name="Müller^Zoë")),
+    "no pixel data": _sample_dicom(extra={"PixelData": None}),
+}
+
+
+def _both_readings(path: Path, content: bytes) -> tuple[tuple, tuple]:
+    plain_phi: set[str] = set()
+    slow_phi: set[str] = set()
+    plain = plain_instance(content[:HEADER_WINDOW], path, "f.dcm", len(content), plain_phi)
+    with open(path, "rb") as stream:
+        slow = pydicom_header(stream, has_preamble(content), path, "f.dcm", len(content),
+                              slow_phi)
+    return (plain, plain_phi), (slow, slow_phi)
+
+
+@pytest.mark.parametrize("name", PLAIN_SAMPLES)
+def test_ordinary_files_are_read_from_their_raw_header_as_pydicom_reads_them(tmp_path, name):
+    content = PLAIN_SAMPLES[name]
+    path = tmp_path / "f.dcm"
+    path.write_bytes(content)
+    (plain, plain_phi), (slow, slow_phi) = _both_readings(path, content)
+    assert plain is not None, "the raw-header reading handed an ordinary file to pydicom"
+    assert plain == slow and plain.instance is not None
+    assert plain_phi == slow_phi and plain_phi
+
+
+HEADER_MUTATIONS = st.one_of(
+    st.integers(min_value=0, max_value=len(SAMPLE)).map(lambda n: SAMPLE[:n]),
+    st.tuples(st.integers(0, 1500), st.integers(0, 255)).map(
+        lambda flip: SAMPLE[:flip[0]] + bytes([flip[1]]) + SAMPLE[flip[0] + 1:]),
+    st.tuples(st.integers(0, 1500), st.binary(min_size=1, max_size=8)).map(
+        lambda cut: SAMPLE[:cut[0]] + cut[1] + SAMPLE[cut[0] + len(cut[1]) // 2:]),
+)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=HEADER_MUTATIONS)
+def test_the_raw_header_reading_never_disagrees_with_pydicom(tmp_path_factory, content):
+    """Whatever the raw reading takes on (it hands the rest to pydicom), it reads as pydicom
+    does: same kind, same values, same PHI."""
+    path = tmp_path_factory.mktemp("mutant") / "f.dcm"
+    path.write_bytes(content)
+    (plain, plain_phi), (slow, slow_phi) = _both_readings(path, content)
+    if plain is not None:
+        assert (plain, plain_phi) == (slow, slow_phi)

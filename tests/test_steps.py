@@ -15,6 +15,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEnd
 
 from xnat_inbox.claim import claim, claimed_drops
 from xnat_inbox.config import InboxConfig
+from xnat_inbox.rawheader import HEADER_WINDOW
 from xnat_inbox.route import Labels, RoutedStudy
 from xnat_inbox.scan import Kind, scan_drop
 from xnat_inbox.senders.dicom import association_batches, context_key, outgoing_header
@@ -181,6 +182,46 @@ def test_routing_splice_sends_what_the_pydicom_header_path_sends(tmp_path, synta
             assert got[element.tag].value == element.value, element.keyword
         assert instance.path.read_bytes() == before
     assert session.files
+
+
+@pytest.mark.parametrize("before_end", [4000, 2, 0])
+def test_routing_splice_of_an_element_that_runs_past_the_header_window(tmp_path, before_end):
+    """The old routing element's value starts `before_end` bytes before the end of the window
+    the splice reads, and ends past it: what is sent is still the file, with only that element
+    replaced."""
+    comments = "c" * 8000
+    session = write_session(tmp_path / "s", series=(SeriesSpec("T1", 1),),
+                            extra={"PatientComments": comments})
+    path = session.files[0]
+    original = dcmread(path)
+
+    def value_at(items: int, padding: int) -> int:
+        item = Dataset()
+        item.ReferencedSOPInstanceUID = "1.2.3.4"
+        original.ReferencedImageSequence = [item] * items  # group 0008: before the comments
+        original.ReferringPhysicianAddress = "a" * padding
+        original.save_as(path, enforce_file_format=True)
+        return path.read_bytes().index(comments.encode())
+
+    per_item = value_at(1001, 0) - value_at(1000, 0)
+    items = (HEADER_WINDOW - before_end - value_at(0, 0)) // per_item
+    padding = HEADER_WINDOW - before_end - value_at(items, 0)
+    assert value_at(items, padding) == HEADER_WINDOW - before_end
+    [study] = scan_drop(tmp_path / "s").studies.values()
+    routed = RoutedStudy(study, "scp", Labels("P", "S", "E"), "PatientComments", "xnat://P/S/E",
+                         included=list(study.series.values()))
+    [instance] = routed.instances
+    with instance.path.open("rb") as fp:
+        splice = routing_splice(fp, instance, routed)
+        assert splice is not None
+        head, offset = splice
+        fp.seek(offset)
+        sent = head + fp.read()
+    got = _decode(sent, UID(instance.transfer_syntax))
+    expected = outgoing_header(instance, routed, whole=True)
+    assert got.PatientComments == "xnat://P/S/E"
+    assert [e.tag for e in got] == [e.tag for e in expected]
+    assert got.PixelData == expected.PixelData and len(got.ReferencedImageSequence) == items
 
 
 def _decode(raw: bytes, syntax: UID) -> Dataset:

@@ -32,7 +32,7 @@ from ..route import RoutedStudy
 from ..scan import Instance
 from .base import Delivery, InstanceOutcome, OnInstance, OnProgress, SendError, ShouldStop
 from .dicom_splice import routing_splice
-from .dicom_wire import Wire, WireError, tune
+from .dicom_wire import StoreStatus, Wire, WireError, tune
 
 #: a DICOM association carries at most 128 presentation contexts
 MAX_CONTEXTS = 128
@@ -127,9 +127,10 @@ class DicomSender:
             status = assoc.send_c_echo()
         finally:
             assoc.release()
-        if not status or status.Status != 0:
-            raise SendError(f"C-ECHO to {self.where} failed: {_describe_status(status)}",
-                            transient=True)
+        if not status or "Status" not in status or status.Status != 0:
+            answer = _describe_status(StoreStatus(int(status.Status), status.get("ErrorComment"))
+                                      ) if status and "Status" in status else "no response"
+            raise SendError(f"C-ECHO to {self.where} failed: {answer}", transient=True)
         return f"C-ECHO to {self.where}: success"
 
     def send(self, study: RoutedStudy, instances: list[Instance],
@@ -176,9 +177,9 @@ class DicomSender:
                    should_stop: ShouldStop | None) -> None:
         """Store each instance; note in `delivery` why an association was lost, if one was.
 
-        Outcomes are reported (on_instance, on this thread) in send order. With several lanes,
-        at most len(lanes) instances are sent but not yet reported at any time: a kill -9
-        re-sends at most that many at the next start."""
+        Outcomes are reported (on_instance) on this thread, as each C-STORE is answered. Each
+        lane has at most one instance sent but not yet answered: a kill -9 re-sends at most
+        len(lanes) instances at the next start."""
         if len(lanes) == 1:
             lane = lanes[0]
             for instance in instances:
@@ -196,51 +197,60 @@ class DicomSender:
     def _store_parallel(self, lanes: list[_Lane], study: RoutedStudy, instances: list[Instance],
                         delivery: Delivery, on_instance: OnInstance | None,
                         should_stop: ShouldStop | None) -> None:
-        work: queue.SimpleQueue[tuple[int, Instance] | None] = queue.SimpleQueue()
-        done: queue.SimpleQueue[tuple[int, InstanceOutcome, _Lane]] = queue.SimpleQueue()
+        """Each lane takes the next instance as soon as its last one is answered and reported
+        (no lane waits for a slower one); this thread reports the answers."""
+        work = iter(instances)
+        take = threading.Lock()
+        halt = threading.Event()
+        # sent but not yet reported: at most one per lane, whatever this thread's pace
+        unreported = threading.Semaphore(len(lanes))
+        done: queue.SimpleQueue[tuple[Instance, InstanceOutcome, _Lane] | None] = \
+            queue.SimpleQueue()
+
+        def next_instance() -> Instance | None:
+            unreported.acquire()
+            with take:
+                if halt.is_set():
+                    return None
+                if should_stop and should_stop():
+                    delivery.interrupted = True
+                    halt.set()
+                    return None
+                return next(work, None)
 
         def run(lane: _Lane) -> None:
-            while (item := work.get()) is not None:
-                index, instance = item
-                try:
-                    outcome = lane.store(study, instance)
-                except Exception as exc:  # reported as the instance's outcome
-                    lane.lost(f"{type(exc).__name__}: {exc}")
-                    outcome = InstanceOutcome(False, None, f"C-STORE of {instance.rel} failed: "
-                                              f"{exc}", transient=True)
-                done.put((index, outcome, lane))
+            try:
+                while (instance := next_instance()) is not None:
+                    try:
+                        outcome = lane.store(study, instance)
+                    except Exception as exc:  # reported as the instance's outcome
+                        lane.lost(f"{type(exc).__name__}: {exc}")
+                        outcome = InstanceOutcome(False, None, f"C-STORE of {instance.rel} "
+                                                  f"failed: {exc}", transient=True)
+                    done.put((instance, outcome, lane))
+                    if not lane.alive:
+                        halt.set()  # the others finish the one they are sending, then stop
+                        return
+            finally:
+                done.put(None)
 
         threads = [threading.Thread(target=run, args=(lane,), name=f"cstore-{n}", daemon=True)
                    for n, lane in enumerate(lanes)]
         for thread in threads:
             thread.start()
-        window, sent, reported = len(lanes), 0, 0
-        finished: dict[int, tuple[InstanceOutcome, _Lane]] = {}
-        stop = False
-        try:
-            while reported < sent or (sent < len(instances) and not stop):
-                while not stop and sent < len(instances) and sent - reported < window:
-                    if should_stop and should_stop():
-                        delivery.interrupted = stop = True
-                        break
-                    work.put((sent, instances[sent]))
-                    sent += 1
-                if reported == sent:
-                    break
-                index, outcome, lane = done.get()
-                finished[index] = (outcome, lane)
-                while reported in finished:
-                    outcome, lane = finished.pop(reported)
-                    self._report(delivery, instances[reported], outcome, on_instance)
-                    reported += 1
-                    if not lane.alive and not delivery.error:
-                        self._lost(delivery, outcome)
-                        stop = True
-        finally:
-            for _ in threads:
-                work.put(None)
-            for thread in threads:
-                thread.join()
+        running = len(threads)
+        while running:
+            item = done.get()
+            if item is None:
+                running -= 1
+                continue
+            instance, outcome, lane = item
+            self._report(delivery, instance, outcome, on_instance)
+            unreported.release()
+            if not lane.alive and not delivery.error:
+                self._lost(delivery, outcome)
+        for thread in threads:
+            thread.join()
 
     def _report(self, delivery: Delivery, instance: Instance, outcome: InstanceOutcome,
                 on_instance: OnInstance | None) -> None:
@@ -358,8 +368,8 @@ def _encode(dataset: Dataset, syntax: str) -> bytes:
     return encoded
 
 
-def _outcome(status: Dataset) -> InstanceOutcome:
-    code = int(status.Status)
+def _outcome(status: StoreStatus) -> InstanceOutcome:
+    code = status.code
     category = code_to_category(code)
     if category == "Success":
         return InstanceOutcome(True, code)
@@ -370,13 +380,9 @@ def _outcome(status: Dataset) -> InstanceOutcome:
                            transient=code & 0xFF00 == 0xA700)
 
 
-def _describe_status(status: Dataset | None) -> str:
-    if not status or "Status" not in status:
-        return "no response"
-    code = int(status.Status)
-    text = f"0x{code:04X} ({code_to_category(code)})"
-    comment = status.get("ErrorComment")
-    return f"{text}: {comment}" if comment else text
+def _describe_status(status: StoreStatus) -> str:
+    text = f"0x{status.code:04X} ({code_to_category(status.code)})"
+    return f"{text}: {status.comment}" if status.comment else text
 
 
 def _accepted(assoc: Association) -> dict[tuple[str, str], int]:

@@ -7,9 +7,9 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, BinaryIO
+from collections.abc import Iterator
+from typing import Any, BinaryIO, NamedTuple
 
-from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 
 # --- the C-STORE wire ---------------------------------------------------------------------
@@ -29,6 +29,13 @@ P_DATA_TF, A_RELEASE_RQ, A_ABORT = 0x04, 0x05, 0x07
 UNLIMITED_PDU = 1 << 20
 #: pynetdicom's DUL thread polls every _run_loop_delay (1 ms); while parked, every 20 ms
 PARKED_LOOP_DELAY = 0.02
+
+
+class StoreStatus(NamedTuple):
+    """A C-STORE-RSP's Status and ErrorComment."""
+
+    code: int
+    comment: str | None = None
 
 
 class WireError(Exception):
@@ -84,14 +91,20 @@ class Wire:
         self.assoc._reactor_checkpoint.set()
 
     def store(self, context_id: int, sop_class: str, sop_instance: str, head: bytes,
-              body: BinaryIO | None, remaining: int) -> Dataset:
+              body: BinaryIO | None, remaining: int) -> StoreStatus:
+        """C-STORE `head` followed by `remaining` bytes of `body`; the receiver's answer."""
         if self.failure:
             raise WireError(self.failure)
         self.message_id = self.message_id % 0xFFFF + 1
         command = _c_store_rq(self.message_id, sop_class, sop_instance)
         try:
-            self._send_pdvs(context_id, 0x03, memoryview(command), None, 0)
-            self._send_pdvs(context_id, 0x00, memoryview(head), body, remaining)
+            out = list(self._pdvs(context_id, 0x03, memoryview(command), None, 0))
+            for data in self._pdvs(context_id, 0x00, memoryview(head), body, remaining):
+                out.append(data)
+                if len(out) >= 64:  # a C-STORE's first PDUs and its command share one write
+                    self.sock.sendall(b"".join(out))
+                    out = []
+            self.sock.sendall(b"".join(out))
             return self._response()
         except WireError as exc:
             self.failure = str(exc)
@@ -103,36 +116,31 @@ class Wire:
             self.failure = str(exc)
             raise WireError(f"{exc.strerror or exc}") from None
 
-    def _send_pdvs(self, context_id: int, control: int, head: memoryview,
-                   body: BinaryIO | None, remaining: int) -> None:
-        """Fragments (head + `remaining` bytes of body) into P-DATA-TF PDUs, one PDV each;
-        control: 0x01 command, 0x00 data set; 0x02 marks the last fragment."""
+    def _pdvs(self, context_id: int, control: int, head: memoryview, body: BinaryIO | None,
+              remaining: int) -> Iterator[bytes | memoryview]:
+        """(head + `remaining` bytes of body) as P-DATA-TF PDUs of one PDV each, header and
+        value as separate pieces; control: 0x01 command, 0x00 data set; 0x02 marks the last.
+        The body is read in pieces of up to 1 MiB, so a large file is never held whole."""
         total, offset = len(head) + remaining, 0
         size = self.max_pdv
-        out: list[bytes] = []
-        pending = 0
+        data = head
         while True:
             n = min(size, total - offset)
-            if offset + n <= len(head):
-                chunk: bytes | memoryview = head[offset:offset + n]
-            else:
-                part = bytes(head[offset:]) if offset < len(head) else b""
-                more = body.read(n - len(part)) if body else b""
-                if len(part) + len(more) != n:
+            if len(data) < n:
+                more = body.read(max(n - len(data), min(1 << 20, total - offset - len(data)))) \
+                    if body else b""
+                data = memoryview(bytes(data) + more)
+                if len(data) < n:
                     raise WireError("the file changed while it was sent")
-                chunk = part + more
             offset += n
             last = control & 0x01 | (0x02 if offset >= total else 0x00)
-            out.append(struct.pack(">BBIIBB", P_DATA_TF, 0, n + 6, n + 2, context_id, last))
-            out.append(chunk)  # type: ignore[arg-type]
-            pending += n + 12
-            if offset >= total or pending >= 262144:
-                self.sock.sendall(b"".join(out))
-                out, pending = [], 0
+            yield struct.pack(">BBIIBB", P_DATA_TF, 0, n + 6, n + 2, context_id, last)
+            yield data[:n]
+            data = data[n:]
             if offset >= total:
                 return
 
-    def _response(self) -> Dataset:
+    def _response(self) -> StoreStatus:
         command = bytearray()
         while True:
             kind, length = struct.unpack(">BxI", self._recv(6))
@@ -186,7 +194,7 @@ def _c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
     return _element(0x0000, 0x0000, struct.pack("<I", len(body))) + body
 
 
-def _c_store_rsp(command: bytes, message_id: int) -> Dataset:
+def _c_store_rsp(command: bytes, message_id: int) -> StoreStatus:
     """The Status and ErrorComment of a C-STORE-RSP command set."""
     values: dict[int, bytes] = {}
     at = 0
@@ -200,11 +208,9 @@ def _c_store_rsp(command: bytes, message_id: int) -> Dataset:
     answered = values.get(0x0120)
     if answered is not None and struct.unpack("<H", answered[:2])[0] != message_id:
         raise WireError("the receiver answered another message ID")
-    status = Dataset()
-    status.Status = struct.unpack("<H", values[0x0900][:2])[0] if 0x0900 in values else 0xFFFF
-    if comment := values.get(0x0902):
-        status.ErrorComment = comment.decode("ascii", "replace").strip(" \0")
-    return status
+    code = struct.unpack("<H", values[0x0900][:2])[0] if 0x0900 in values else 0xFFFF
+    comment = values.get(0x0902)
+    return StoreStatus(code, comment.decode("ascii", "replace").strip(" \0") if comment else None)
 
 
 def tune(assoc: Association) -> None:
