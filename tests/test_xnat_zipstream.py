@@ -11,8 +11,15 @@ from typing import Any
 
 import pytest
 
+from tests.fake_xnat import FakeXnat
+from tests.test_xnat_destination import LABELS, xnat_destination
+from xnat_inbox.config import XnatDestination
+from xnat_inbox.route import Labels, RoutedStudy
+from xnat_inbox.scan import scan_drop
 from xnat_inbox.senders import zipstream
+from xnat_inbox.senders.xnat import XnatSender
 from xnat_inbox.senders.zipstream import Counter, LocalFileError, Member, zip_chunks
+from xnat_inbox.synthetic import write_session
 
 pytestmark = pytest.mark.xnat
 
@@ -81,3 +88,24 @@ def test_deflate_reads_each_file_once(tmp_path, opened):
     assert opened == [m.path.name for m in members]
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         assert archive.testzip() is None
+
+
+@pytest.mark.parametrize("whole_read", [16 << 20, 0])
+def test_a_file_grown_after_the_scan_fails_the_delivery_not_the_sender(tmp_path, monkeypatch,
+                                                                       whole_read):
+    monkeypatch.setattr(zipstream, "WHOLE_READ", whole_read)
+    write_session(tmp_path / "s")
+    [study] = scan_drop(tmp_path / "s").studies.values()
+    routed = RoutedStudy(study, "x", Labels("TEST", *LABELS), "StudyDescription", "",
+                         included=list(study.series.values()))
+    grown = routed.instances[-1]
+    with grown.path.open("ab") as stream:  # written to again after the scan
+        stream.write(b"\0" * 64)
+    with FakeXnat() as xnat:
+        destination = XnatDestination.model_validate(xnat_destination(xnat, tmp_path))
+        sender = XnatSender("x", destination)
+        delivery = sender.send(routed, routed.instances)
+        sender.close()
+        assert delivery.error and "changed size while being sent" in delivery.error
+        assert not delivery.transient and not delivery.outcomes
+        assert not [r for r in xnat.requests() if r["query"] == "action=commit"]
