@@ -28,6 +28,8 @@ from .polling import PruningPollingEmitter
 NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs",
                         "fuse.sshfs", "fuse.glusterfs", "fuse.s3fs", "davfs", "lustre", "gpfs"})
 IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
+#: file times come from the kernel's coarse clock, up to a tick behind time.time()
+MTIME_SLACK_S = 0.02
 #: an archive in a routing folder is a drop of its own, not one of the loose files
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
@@ -239,7 +241,9 @@ class InboxWatcher(FileSystemEventHandler):
             return 0.0
         now = time.time()
         since = getattr(emitters[0], "walk_started", now)
-        return now - mtime if since <= mtime <= now else 0.0
+        if not since - MTIME_SLACK_S <= mtime <= now:
+            return 0.0
+        return now - max(mtime, since)
 
     def _watch(self, path: Path, recursive: bool) -> None:
         with self.lock:
