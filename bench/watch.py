@@ -151,8 +151,10 @@ class CopyInProgress(threading.Thread):
 def time_emitter_in_process(inbox_path: Path, cycles: int) -> list[float]:
     """The daemon's own polling emitter on the same tree, timed here: seconds per cycle."""
     from xnat_inbox.config import InboxConfig
+    from xnat_inbox.logs import configure
     from xnat_inbox.watch import InboxWatcher
 
+    configure(stream=open(os.devnull, "w"))  # noqa: SIM115 (the process's log, to its end)
     inbox = InboxConfig(path=inbox_path, poll=True)
     watcher = InboxWatcher(inbox, lambda ref: None)
     watcher._watch(inbox.path, recursive=True)
