@@ -60,12 +60,15 @@ def test_settle_waits_for_quiet_and_two_equal_snapshots(inbox):
     ref = DropRef(inbox, inbox.path, "MR1")
     tracker = SettleTracker(lambda _: 5.0)
     tracker.touch(ref, 100.0)
-    assert tracker.due(104.0) == []  # not quiet yet
-    assert tracker.due(105.0) == []  # quiet: first snapshot
+    tracker.touch(ref, 99.0)  # an older change reported late does not shorten the wait
+    first = 105.0 - RECHECK_SECONDS  # the first snapshot, so the second ends the quiet period
+    assert tracker.due(first - 0.1) == []  # not quiet yet
+    assert tracker.due(first) == []  # first snapshot
     (drop / "b").write_bytes(b"22")  # a write no event reported (a network share)
-    assert tracker.due(105.0 + RECHECK_SECONDS) == []  # snapshots differ: wait again
-    assert tracker.due(109.0 + RECHECK_SECONDS) == []
-    assert tracker.due(110.0 + RECHECK_SECONDS) == [ref]  # agrees after another quiet period
+    assert tracker.due(105.0) == []  # quiet, but the snapshots differ: wait again from here
+    assert tracker.due(110.0 - RECHECK_SECONDS) == []  # first snapshot of the second period
+    assert tracker.due(110.0 - 0.1) == []  # too soon for the second snapshot
+    assert tracker.due(110.0) == [ref]  # quiet for settle_seconds and two snapshots agree
     assert tracker.pending() == []
 
 

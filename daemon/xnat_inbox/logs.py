@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterable, Iterator, MutableMapping
@@ -15,6 +16,7 @@ import structlog
 from . import journald
 
 LogFormat = Literal["console", "json", "journal"]
+LOG_LEVEL_ENV = "XNAT_INBOX_LOG_LEVEL"
 REDACTED = "[PHI]"
 SECRET_MASK = "[secret]"
 #: keys whose values are PHI whatever they hold; dropped from events unless log_phi
@@ -72,13 +74,20 @@ def configure(log_format: LogFormat = "console", log_phi: bool = False,
         processors=final, foreign_pre_chain=shared))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+    root.setLevel(_level())
     # pynetdicom's own warnings (e.g. an unexpected DIMSE message) must not stay hidden
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # its connection errors repeat what our own events say, once per retry
     logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
     logging.getLogger("watchdog.observers.inotify").addFilter(_quiet_watchdog_shutdown)
     logging.captureWarnings(True)  # pydicom's warnings about odd files, into the same log
+
+
+def _level() -> int:
+    """INFO, or XNAT_INBOX_LOG_LEVEL (e.g. debug: each poll cycle's duration)."""
+    name = os.environ.get(LOG_LEVEL_ENV, "info").upper()
+    level = logging.getLevelName(name)
+    return level if isinstance(level, int) else logging.INFO
 
 
 def default_format() -> LogFormat:

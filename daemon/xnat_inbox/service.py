@@ -140,8 +140,9 @@ class Daemon:
         self.supervisor.reloading()
         self.supervisor.reloaded(reload_config(self))
 
-    def touch(self, ref: DropRef) -> None:
-        self.tracker.touch(ref, time.monotonic())
+    def touch(self, ref: DropRef, age: float = 0.0) -> None:
+        """The drop changed `age` seconds ago: its quiet period starts then."""
+        self.tracker.touch(ref, time.monotonic() - age)
         if ref.name is None and ref.folder != ref.inbox.path and is_routing_folder(ref.folder):
             # a route.yaml just made this a routing folder: what is in it are drops now
             for child in existing_drops(ref.inbox, ref.folder):

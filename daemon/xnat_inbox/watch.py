@@ -10,22 +10,26 @@ import contextlib
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
-from watchdog.observers.polling import PollingObserverVFS
 
 from .config import ROUTE_FILE, InboxConfig
 from .logs import get_logger
+from .polling import PruningPollingEmitter
 
 #: file systems whose remote writes never reach inotify
 NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs",
                         "fuse.sshfs", "fuse.glusterfs", "fuse.s3fs", "davfs", "lustre", "gpfs"})
 IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
+#: file times come from the kernel's coarse clock, up to a tick behind time.time()
+MTIME_SLACK_S = 0.02
 #: an archive in a routing folder is a drop of its own, not one of the loose files
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
@@ -165,11 +169,13 @@ class InboxWatcher(FileSystemEventHandler):
 
     inotify: each routing folder flat and each drop folder recursively (watchdog's recursive
     watch on the inbox would add a watch for every folder in done/, forever).
-    Polling: one recursive watch on the inbox whose listing skips our own folders and never
-    follows a symlink.
+    Polling: one recursive watch on the inbox whose walk skips our own folders and hidden
+    entries (never part of a drop's events) and never follows a symlink.
+
+    `on_touch(ref, age)`: the drop changed `age` seconds ago (0: just now, as far as we know).
     """
 
-    def __init__(self, inbox: InboxConfig, on_touch: Callable[[DropRef], None]) -> None:
+    def __init__(self, inbox: InboxConfig, on_touch: Callable[[DropRef, float], None]) -> None:
         self.inbox = inbox
         self.on_touch = on_touch
         self.polling = wants_polling(inbox)
@@ -178,7 +184,8 @@ class InboxWatcher(FileSystemEventHandler):
         self.symlinks_noted: set[Path] = set()
         self.lock = threading.Lock()
         self.observer: BaseObserver = (
-            PollingObserverVFS(os.lstat, self._listdir, polling_interval=inbox.poll_interval)
+            BaseObserver(partial(PruningPollingEmitter, skip=self._never_polled),  # type: ignore[arg-type]
+                         timeout=inbox.poll_interval)
             if self.polling else Observer()
         )
         self.observer.daemon = True
@@ -217,8 +224,26 @@ class InboxWatcher(FileSystemEventHandler):
             log.warning("symbolic link in an inbox: not followed, left in place; copy the "
                         "files themselves", path=str(path))
 
-    def _listdir(self, path: str | None) -> Iterator[os.DirEntry[str]]:
-        return (entry for entry in os.scandir(path) if entry.path not in self.reserved)
+    def _never_polled(self, entry: os.DirEntry[str]) -> bool:
+        return entry.name.startswith(".") or entry.path in self.reserved
+
+    def _age(self, path: Path) -> float:
+        """Polling only: seconds since the change a poll just reported, from the path's mtime,
+        so a drop's quiet period starts at the write, not up to poll_interval later. Trusted
+        only when it falls after the previous poll began (the change can't be older): a copy
+        that preserves mtimes, or a share whose clock is off, counts from now instead."""
+        emitters = list(self.observer.emitters) if self.polling else []
+        if not emitters:
+            return 0.0
+        try:
+            mtime = os.lstat(path).st_mtime
+        except OSError:
+            return 0.0
+        now = time.time()
+        since = getattr(emitters[0], "walk_started", now)
+        if not since - MTIME_SLACK_S <= mtime <= now:
+            return 0.0
+        return now - max(mtime, since)
 
     def _watch(self, path: Path, recursive: bool) -> None:
         with self.lock:
@@ -265,4 +290,4 @@ class InboxWatcher(FileSystemEventHandler):
                 continue
             if not self.polling:
                 self._watch_drop(ref)
-            self.on_touch(ref)
+            self.on_touch(ref, self._age(path))
