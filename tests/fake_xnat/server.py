@@ -354,6 +354,7 @@ class Handler(BaseHTTPRequestHandler):
             "fault": self.fault.id if self.fault else None, "dropped": self.dropped,
             "duration_ms": round((end - self.started) * 1000, 1),
             "start": self.started, "end": end,
+            "body_end": body.done_at if body else None,
         }
         self.logged = item
         self.server.log.add(item)

@@ -16,6 +16,7 @@ import os
 import re
 import struct
 import tarfile
+import time
 import uuid
 import zipfile
 import zlib
@@ -63,6 +64,7 @@ class BodyReader:
             raise BodyError("bad Content-Length") from exc
         self.done = not self.chunked and self.remaining == 0
         self.received = 0
+        self.done_at: float | None = None  # time.monotonic() when the last byte was read
 
     def chunks(self, limit: int | None = None) -> Iterator[bytes]:
         """Yield body pieces; stop after `limit` bytes if given (the rest stays unread)."""
@@ -84,9 +86,9 @@ class BodyReader:
             self.remaining -= len(piece)
             self.received += len(piece)
             if self.remaining == 0:
-                self.done = True
+                self._finished()
             yield piece
-        self.done = True
+        self._finished()
 
     def _chunked(self) -> Iterator[bytes]:
         while not self.done:
@@ -100,7 +102,7 @@ class BodyReader:
             if size == 0:
                 while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                     pass  # trailers
-                self.done = True
+                self._finished()
                 return
             while size > 0:
                 piece = self.rfile.read(min(CHUNK, size))
@@ -111,6 +113,11 @@ class BodyReader:
                 yield piece
             if self.rfile.readline(1024) not in (b"\r\n", b"\n"):
                 raise BodyError("chunk not followed by CRLF")
+
+    def _finished(self) -> None:
+        if self.done_at is None:
+            self.done_at = time.monotonic()
+        self.done = True
 
     def read_all(self, cap: int) -> bytes:
         buf = bytearray()
