@@ -2,7 +2,13 @@
 1,000-file session, same fake XNAT server on 127.0.0.1. No zip of ours is ever written to disk.
 
 Every pair runs, alternately, with the server reset before each run (an empty prearchive)
-and the page cache's dirty pages written back (`sync`), so no run pays for the last one's:
+and the page cache's dirty pages written back (`sync`), so no run pays for the last one's.
+After each run the fake server's request log gives the import span: from the start of the
+first POST /data/services/import (the server has read its headers) to the end of the last
+(the server has filed everything and is about to answer), measured by the server's clock
+for ours and for curl alike. curl sends one zip; ours sends one zip per series (the first
+alone, which creates the prearchive entry, then the others `max_parallel` at once), so the
+span also counts the gaps between those requests (reported apart). The runs:
 
 - ours, whole process: Python start-up and imports, the header scan, login, project check,
   zips streamed from the original files, commit, read-back; one drop, then exit.
@@ -17,9 +23,15 @@ and the page cache's dirty pages written back (`sync`), so no run pays for the l
   POST`, which streams the file instead of loading it whole.
 
 Ratios are curl --data-binary seconds / ours, pair by pair (machine drift cancels), medians
-over the pairs: "ratio" is the warm per-drop one, "ratio_whole_process" and "ratio_send"
-(our send alone, without the scan) the others. 1.0 = as fast as curl. curl does the import
-request alone; ours also checks the project, commits and reads back what XNAT holds.
+over the pairs; 1.0 = as fast as curl:
+- "ratio": the import span, curl's / ours (ours from the warm drop): the issue's measure,
+  streaming the study to the import endpoint against posting the prebuilt zip to it, the
+  same part of the work on both sides.
+- "ratio_warm_drop": curl's whole process / our warm per-drop time (scan, project check,
+  upload, commit, read-back): what the daemon spends per drop, against curl doing only the
+  import request.
+- "ratio_whole_process": curl's whole process / ours (adds Python start-up and imports).
+- "ratio_send": curl's whole process / our warm send (the per-drop time without the scan).
 Ends with one JSON line.
 
     python bench/rest.py [--instances 1000] [--pairs 3]
@@ -90,6 +102,33 @@ def run_ours(mode: str, folder: Path, url: str, secret: Path, label: str) -> int
     return 0
 
 
+IMPORT_PATH = "/data/services/import"
+
+
+@dataclass
+class Span:
+    """The import requests of one run, from the server's request log (monotonic seconds)."""
+
+    seconds: float  # first import's start to last import's end
+    requests: int
+    gaps: float  # time in the span with no import request in progress
+
+    @classmethod
+    def of(cls, url: str) -> Span:
+        with urllib.request.urlopen(f"{url}/_fake/requests", timeout=30) as answer:
+            log = json.loads(answer.read())
+        imports = sorted((r["start"], r["end"]) for r in log
+                         if r["method"] == "POST" and r["path"] == IMPORT_PATH)
+        if not imports or any(r["status"] != 200 for r in log if r["path"] == IMPORT_PATH):
+            raise RuntimeError(f"no successful import in the server's log: {log[-5:]}")
+        busy, until = 0.0, imports[0][0]
+        for start, end in imports:  # the union of the requests' intervals
+            busy += max(0.0, end - max(start, until))
+            until = max(until, end)
+        seconds = max(end for _, end in imports) - imports[0][0]
+        return cls(seconds, len(imports), seconds - busy)
+
+
 def reset_server(url: str) -> None:
     """An empty prearchive, and no dirty pages of the last run left to write back (the server
     writes every upload twice: the body, then the filed instances)."""
@@ -155,53 +194,76 @@ class Pair:
     rss: int  # KiB: ours (whole process), curl, curl -T
     curl_rss: int
     curl_t_rss: int
+    span: Span  # ours, the warm drop's import requests
+    span_whole: Span  # ours, the whole-process run's
+    curl_span: Span  # curl --data-binary's one import request
+    curl_t_span: Span
 
     @property
     def warm(self) -> float:
         return self.warm_scan + self.warm_send
 
     @property
-    def ratios(self) -> tuple[float, float, float]:
-        """warm per drop, whole process, send alone"""
-        return self.curl / self.warm, self.curl / self.whole, self.curl / self.warm_send
+    def ratios(self) -> tuple[float, float, float, float]:
+        """import span, warm per drop, whole process, send alone"""
+        return (self.curl_span.seconds / self.span.seconds, self.curl / self.warm,
+                self.curl / self.whole, self.curl / self.warm_send)
 
 
 def run_pair(number: int, url: str, ours_cmd: list[str], curl: str, zip_path: Path) -> Pair:
     reset_server(url)
     whole, rss, out = timed([*ours_cmd, "whole", f"OURS{number}"])
     rss = max(rss, json.loads(out.strip().splitlines()[-1])["peak_rss_kb"])
+    span_whole = Span.of(url)
     reset_server(url)
     _, _, out = timed([*ours_cmd, "warm", f"WARM{number}"])
     warm = json.loads(out.strip().splitlines()[-1])
+    span = Span.of(url)  # the child reset the server after its warm-up drop
     reset_server(url)
     reference, curl_rss, _ = timed(curl_import(curl, url, zip_path, f"CURL{number}", False))
+    curl_span = Span.of(url)
     reset_server(url)
     streamed, stream_rss, _ = timed(curl_import(curl, url, zip_path, f"CURLT{number}", True))
+    curl_t_span = Span.of(url)
     return Pair(whole, warm["scan_s"], warm["send_s"], reference, streamed, rss, curl_rss,
-                stream_rss)
+                stream_rss, span, span_whole, curl_span, curl_t_span)
 
 
 def report(pairs: list[Pair], instances: int, megabytes: float) -> None:
     print(f"REST import of {instances} instances ({megabytes:.0f} MB) to the fake XNAT on "
-          "127.0.0.1; ours: scan, project check, zips streamed, commit, read-back")
-    print(f"{'pair':>4} {'ours whole':>10} {'warm':>6} {'(scan':>6} {'send)':>6} "
-          f"{'curl @zip':>9} {'curl -T':>7} {'r warm':>6} {'r whole':>7} {'r send':>6} "
-          f"{'our MB':>6} {'curl MB':>7} {'-T MB':>5}")
+          "127.0.0.1")
+    print("import span (server clock): first import request's start to last one's end; "
+          "ours = warm drop, n requests, gaps between them")
+    print("warm drop = scan + project check + streamed upload + commit + read-back; whole = "
+          "the process; curl = its whole process")
+    print(f"{'pair':>4} {'span ours':>9} {'n':>2} {'gaps':>5} {'span curl':>9} {'-T':>5} "
+          f"{'ratio':>6} | {'warm':>5} {'(scan':>6} {'send)':>6} {'whole':>5} "
+          f"{'curl':>5} {'-T':>5} | {'r warm':>6} {'r send':>6} {'r whole':>7} | "
+          f"{'MB ours':>7} {'curl':>4} {'-T':>3}")
     for n, p in enumerate(pairs, 1):
-        warm, whole, send = p.ratios
-        print(f"{n:>4} {p.whole:>10.2f} {p.warm:>6.2f} {p.warm_scan:>6.2f} {p.warm_send:>6.2f} "
-              f"{p.curl:>9.2f} {p.curl_t:>7.2f} {warm:>6.3f} {whole:>7.3f} {send:>6.3f} "
-              f"{p.rss / 1024:>6.0f} {p.curl_rss / 1024:>7.0f} {p.curl_t_rss / 1024:>5.0f}")
+        ratio, warm, whole, send = p.ratios
+        print(f"{n:>4} {p.span.seconds:>9.3f} {p.span.requests:>2} {p.span.gaps:>5.3f} "
+              f"{p.curl_span.seconds:>9.3f} {p.curl_t_span.seconds:>5.2f} {ratio:>6.3f} | "
+              f"{p.warm:>5.2f} {p.warm_scan:>6.2f} {p.warm_send:>6.2f} {p.whole:>5.2f} "
+              f"{p.curl:>5.2f} {p.curl_t:>5.2f} | {warm:>6.3f} {send:>6.3f} {whole:>7.3f} | "
+              f"{p.rss / 1024:>7.0f} {p.curl_rss / 1024:>4.0f} {p.curl_t_rss / 1024:>3.0f}")
 
     def median(values: list[float]) -> float:
         return round(statistics.median(values), 3)
 
     print(json.dumps({
         "bench": "rest", "ratio": median([p.ratios[0] for p in pairs]),
-        "ratio_whole_process": median([p.ratios[1] for p in pairs]),
-        "ratio_send": median([p.ratios[2] for p in pairs]),
+        "ratio_warm_drop": median([p.ratios[1] for p in pairs]),
+        "ratio_whole_process": median([p.ratios[2] for p in pairs]),
+        "ratio_send": median([p.ratios[3] for p in pairs]),
         "peak_rss_mb": round(max(p.rss for p in pairs) / 1024, 1),
         "instances": instances, "megabytes": round(megabytes),
+        "ours_import_span_s": median([p.span.seconds for p in pairs]),
+        "ours_import_requests": pairs[0].span.requests,
+        "ours_import_gaps_s": median([p.span.gaps for p in pairs]),
+        "ours_whole_process_import_span_s": median([p.span_whole.seconds for p in pairs]),
+        "curl_import_span_s": median([p.curl_span.seconds for p in pairs]),
+        "curl_T_import_span_s": median([p.curl_t_span.seconds for p in pairs]),
         "ours_whole_s": median([p.whole for p in pairs]),
         "ours_warm_s": median([p.warm for p in pairs]),
         "ours_warm_scan_s": median([p.warm_scan for p in pairs]),

@@ -9,11 +9,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import io
 import json
 import os
 import re
 import socket
 import struct
+import tarfile
 import time
 import uuid
 import zipfile
@@ -22,7 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
+import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 try:  # `python -m pytest` from the repo root puts the root on sys.path
     from tests.fake_xnat import FakeXnat
@@ -417,6 +421,41 @@ def test_gradual_dicom_one_file_per_request(xnat: FakeXnat, study: Study) -> Non
         uris.add(resp.uri)
     assert len(uris) == 1
     assert entry_row(xnat, uris.pop())["file_count"] == str(len(study))
+
+
+def big_instance(study_uid: str, series_uid: str, number: int) -> bytes:
+    """An instance over the fake's 4 MiB in-memory limit, so it is filed from a temp file."""
+    ds = pydicom.dcmread(io.BytesIO(make_instance(study_uid=study_uid, series_uid=series_uid,
+                                                  instance_number=number)))
+    ds.Rows = ds.Columns = 1500
+    ds.PixelData = bytes([number]) * (1500 * 1500 * 2)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_digests_are_taken_when_filed_whatever_the_path(xnat: FakeXnat) -> None:
+    study_uid, series_uid = generate_uid(), generate_uid()
+    files = {f"big{n}.dcm": big_instance(study_uid, series_uid, n) for n in (1, 2, 3)}
+    files["small.dcm"] = make_instance(study_uid=study_uid, series_uid=series_uid,
+                                       instance_number=4)
+    zipped = {k: files[k] for k in ("big1.dcm", "small.dcm")}
+    # a zip with a central directory (zipfile), then a gradual-DICOM body, then a tar
+    assert upload(xnat, build_zip(zipped), labels()).status == 200
+    resp = call(xnat, "POST", "/data/services/import?" + urlencode(
+        {"import-handler": "gradual-DICOM", **labels()}), body=files["big2.dcm"],
+        headers={"Content-Type": "application/dicom"})
+    assert resp.status == 200, resp.text
+    tarred = io.BytesIO()
+    with tarfile.open(fileobj=tarred, mode="w") as tar:
+        info = tarfile.TarInfo("big3.dcm")
+        info.size = len(files["big3.dcm"])
+        tar.addfile(info, io.BytesIO(files["big3.dcm"]))
+    tar_resp = upload(xnat, tarred.getvalue(), labels(), content_type="application/x-tar")
+    assert tar_resp.status == 200, tar_resp.text
+    rows = call(xnat, "GET", resp.uri + "/scans/ALL/files?format=json").rows
+    assert sorted(r["digest"] for r in rows) == sorted(
+        hashlib.md5(d).hexdigest() for d in files.values())
 
 
 def test_non_dicom_entries_and_ignore_unparsable(xnat: FakeXnat, study: Study) -> None:

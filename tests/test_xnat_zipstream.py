@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.fake_xnat import FakeXnat
+from tests.fake_xnat.uploads import iter_zip_sequential
 from tests.test_xnat_destination import LABELS, xnat_destination
 from xnat_inbox.config import XnatDestination
 from xnat_inbox.route import Labels, RoutedStudy
@@ -76,10 +77,33 @@ def test_a_file_that_changed_size_is_a_local_error(tmp_path, monkeypatch, whole_
 
 def test_a_big_file_rewritten_between_its_two_reads_is_a_local_error(tmp_path, monkeypatch):
     monkeypatch.setattr(zipstream, "WHOLE_READ", 0)
-    # the CRC read saw other bytes than the send read: stream-zip's integrity check trips
+    # the CRC read saw other bytes than the send read: the check as it is sent trips
     monkeypatch.setattr(zipstream, "crc32_of", lambda path: 12345)
     with pytest.raises(LocalFileError, match="changed while being sent"):
         b"".join(zip_chunks(_members(tmp_path), "stored", Counter()))
+
+
+@pytest.mark.parametrize("zip32_limit", [0, zipstream.ZIP32_LIMIT])
+def test_stored_zip_is_read_alike_by_zipfile_and_entry_by_entry(tmp_path, monkeypatch,
+                                                                zip32_limit):
+    """zip64 when the files add up to 4 GiB (forced here by a 0 limit), else zip32; both as
+    zipfile reads them and as Java's ZipInputStream would (the fake's local-header reader)."""
+    monkeypatch.setattr(zipstream, "ZIP32_LIMIT", zip32_limit)
+    members = _members(tmp_path)
+    members[0] = Member("séries/IM0.dcm", members[0].path, members[0].size)  # UTF-8 name
+    data = b"".join(zip_chunks(members, "stored", Counter()))
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.testzip() is None
+        assert [i.filename for i in archive.infolist()] == [m.name for m in members]
+        assert [archive.read(i) for i in archive.infolist()] == [
+            m.path.read_bytes() for m in members]
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in archive.infolist())
+    upload = tmp_path / "upload.zip"
+    upload.write_bytes(data)
+    (tmp_path / "work").mkdir()
+    entries = list(iter_zip_sequential(upload, tmp_path / "work", strict=True))
+    assert [(e.name, e.data) for e in entries] == [(m.name, m.path.read_bytes())
+                                                   for m in members]
 
 
 def test_deflate_reads_each_file_once(tmp_path, opened):

@@ -33,6 +33,7 @@ from .state import (
 )
 from .uploads import (
     BodyReader,
+    HashingWriter,
     boundary_of,
     copy_range,
     format_of,
@@ -352,8 +353,11 @@ class Api:
         work = self.state.tmp_dir()
         try:
             upload = work / "upload.zip"
-            with open(upload, "wb") as out:
+            with open(upload, "wb") as raw_out:
+                # a gradual-DICOM body is the file itself: catalog its MD5 as it arrives
+                out = HashingWriter(raw_out) if fmt == "DICOM" else raw_out
                 complete = save_body(req.body, out, req.drop_limit)
+            digest = out.hexdigest() if isinstance(out, HashingWriter) else None
             if multipart:
                 upload, fmt = self._file_part(upload, ctype, params, complete)
             check_handler(params.get("import-handler", "DICOM-zip"))
@@ -363,8 +367,8 @@ class Api:
                 raise XnatError(400, "Unsupported format UNKNOWN")
             if not complete:
                 self._salvage(auth.user, params, fmt, upload, work, req)
-            status, uri = self.importer.run(auth.user, params,
-                                            iter_entries(fmt, upload, work, complete=True))
+            entries = iter_entries(fmt, upload, work, complete=True, digest=digest)
+            status, uri = self.importer.run(auth.user, params, entries)
             return uri_list(uri, status)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -420,5 +424,5 @@ def file_rows(files: list[StoredFile], base: str) -> list[dict[str, str]]:
     return [{"Name": f.name, "Size": str(f.size),
              "URI": f"{base}/scans/{f.scan_id}/resources/DICOM/files/{f.name}",
              "collection": "DICOM", "file_tags": "", "file_format": "DICOM",
-             "file_content": "RAW", "cat_ID": f.scan_id, "digest": f.md5()}
+             "file_content": "RAW", "cat_ID": f.scan_id, "digest": f.digest}
             for f in files]

@@ -120,7 +120,7 @@ class Importer:
                 "prevent_anon": opts.prevent_anon, "SOURCE": opts.source}
         with self.state.lock:
             pe = self.state.open_entry(project, subject, label, inst, meta)
-            self.state.add_file(pe, inst, entry.data, entry.path)
+            self.state.add_file(pe, inst, entry.data, entry.path, entry.digest)
         return pe
 
     def _target(self, user: str, opts: ImportOptions, inst: Instance) -> tuple[str, str, str]:

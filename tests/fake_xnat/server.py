@@ -121,13 +121,17 @@ class RequestLog:
             item["seq"] = self.seq
             self.items.append(item)
 
+    def update(self, item: dict[str, Any], **changes: Any) -> None:
+        with self.lock:
+            item.update(changes)
+
     def clear(self) -> None:
         with self.lock:
             self.items.clear()
 
     def to_json(self) -> list[dict[str, Any]]:
         with self.lock:
-            return list(self.items)
+            return [dict(item) for item in self.items]
 
 
 def normalize(path: str) -> str:
@@ -170,7 +174,7 @@ class Handler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_GET
 
     def log_message(self, format: str, *args: Any) -> None:
-        pass  # one line per request is written by _log instead
+        pass  # one line per request is written by _record instead
 
     # ---- one request -----------------------------------------------------------------
 
@@ -187,9 +191,10 @@ class Handler(BaseHTTPRequestHandler):
         self.status: int | None = None
         self.bytes_out = 0
         self.dropped = False
+        self.logged: dict[str, Any] | None = None
 
     def _handle(self) -> None:
-        started = time.monotonic()
+        self.started = time.monotonic()
         self._begin()
         resp: Response | None
         try:
@@ -214,7 +219,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._respond(resp)
             except (OSError, BodyError):
                 self._gone()
-        self._log(started)
+        self._record()
 
     def _dispatch(self) -> Response:
         if self.api_path == "/_fake" or self.api_path.startswith("/_fake/"):
@@ -266,6 +271,7 @@ class Handler(BaseHTTPRequestHandler):
     def drop(self) -> None:
         """Reset the connection without answering (SO_LINGER 0 makes close() send RST)."""
         self._gone()
+        self._record()  # before the client can see the reset
         try:
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                        struct.pack("ii", 1, 0))
@@ -311,6 +317,11 @@ class Handler(BaseHTTPRequestHandler):
                 self.drop()  # the work is done but the answer is lost
                 return
             resp = self.intercept.response()
+        self.status = resp.status
+        self.bytes_out = len(resp.body)
+        # Logged before the answer goes out: a client that has its answer finds the request
+        # in the log (recording after the write let a quick /_fake/requests miss it).
+        self._record()
         self.send_response(resp.status)
         for key, value in resp.headers.items():
             self.send_header(key, value)
@@ -320,12 +331,19 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(resp.body)
-        self.status = resp.status
-        self.bytes_out = len(resp.body)
 
-    def _log(self, started: float) -> None:
+    def _record(self) -> None:
+        """Add this request to the log once, when its outcome is known and before the client
+        can learn it (the answer is written, or the connection reset, after this). A write
+        that fails afterwards marks the entry dropped. start/end: time.monotonic() of the
+        request's first byte read and of its outcome, for spans between requests."""
         if self.api_path.startswith("/_fake"):
             return
+        if self.logged is not None:
+            if self.dropped and not self.logged["dropped"]:
+                self.server.log.update(self.logged, status=None, dropped=True)
+            return
+        end = time.monotonic()
         body = getattr(self, "body", None)
         item = {
             "time": time.time(), "method": self.command, "path": self.raw_path,
@@ -334,8 +352,11 @@ class Handler(BaseHTTPRequestHandler):
             "user": self.auth.user if self.auth else None,
             "auth": self.auth.mode if self.auth else None,
             "fault": self.fault.id if self.fault else None, "dropped": self.dropped,
-            "duration_ms": round((time.monotonic() - started) * 1000, 1),
+            "duration_ms": round((end - self.started) * 1000, 1),
+            "start": self.started, "end": end,
+            "body_end": body.done_at if body else None,
         }
+        self.logged = item
         self.server.log.add(item)
         print(f"{item['method']} {self.path} -> {item['status'] or 'DROPPED'} "
               f"in={item['bytes_in']} out={item['bytes_out']} {item['duration_ms']}ms",

@@ -134,17 +134,7 @@ class StoredFile:
     instance_number: str
     series_description: str
     modality: str
-    digest: str | None = None
-
-    def md5(self) -> str:
-        # Computed lazily: hashing a 130 MB upload inside the timed request is wasted work.
-        if self.digest is None:
-            h = hashlib.md5()
-            with open(self.path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            self.digest = h.hexdigest()
-        return self.digest
+    digest: str  # MD5, computed when the file was filed (see XnatState.add_file)
 
     def to_json(self, root: Path, digests: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -152,8 +142,16 @@ class StoredFile:
             "sop_uid": self.sop_uid, "series_uid": self.series_uid, "scan": self.scan_id,
         }
         if digests:
-            out["digest"] = self.md5()
+            out["digest"] = self.digest
         return out
+
+
+def file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def scans_of(files: Iterable[StoredFile]) -> dict[str, list[StoredFile]]:
@@ -473,8 +471,20 @@ class XnatState:
         return entry
 
     def add_file(self, entry: PrearcEntry, inst: Instance, data: bytes | None,
-                 src: Path | None) -> StoredFile:
-        """Store one instance; the same SOPInstanceUID replaces the earlier file."""
+                 src: Path | None, md5: str | None = None) -> StoredFile:
+        """Store one instance; the same SOPInstanceUID replaces the earlier file.
+
+        The file's MD5 is computed here, when it is filed, and stored with it; listings
+        serve the stored digest. That is what XNAT does: with checksums enabled (its site
+        setting `checksums`), CatalogUtils.calculateResourceChecksums/setChecksum put an
+        MD5 in each catalog entry's `digest` when the entry is cataloged (only if none is
+        there yet), and the file listing (CatalogUtils.getEntryDetails) returns
+        entry.getDigest() without reading the file (NrgXnat/xnat-web,
+        src/main/java/org/nrg/xnat/utils/CatalogUtils.java). md5: the digest of `src`,
+        taken while it was written to disk (uploads.HashingWriter); a file held in memory
+        is hashed from `data`. Only a file at `src` with no digest (a gradual-DICOM file
+        over 4 MiB sent as multipart, or salvaged from a dropped upload) is re-read.
+        """
         scan_id = self._scan_id(entry, inst)
         digest = hashlib.sha1(f"{inst.sop_class_uid}{inst.sop_uid}".encode()).hexdigest()[:8]
         # XNAT's default naming: StudyUID-SeriesNumber-InstanceNumber-hash(SOP class+instance)
@@ -486,13 +496,16 @@ class XnatState:
         if old is not None and old.path != path:
             old.path.unlink(missing_ok=True)
         if src is not None:
+            md5 = md5 or file_md5(src)
             os.replace(src, path)
         else:
+            md5 = hashlib.md5(data or b"").hexdigest()
             path.write_bytes(data or b"")
         stored = StoredFile(name=name, path=path, size=path.stat().st_size, sop_uid=inst.sop_uid,
                             sop_class_uid=inst.sop_class_uid, series_uid=inst.series_uid,
                             scan_id=scan_id, instance_number=inst.instance_number,
-                            series_description=inst.series_description, modality=inst.modality)
+                            series_description=inst.series_description, modality=inst.modality,
+                            digest=md5)
         entry.files[inst.sop_uid] = stored
         entry.lastmod = time.time()
         entry.status = "RECEIVING"

@@ -9,13 +9,14 @@ ZipInputStream would have consumed it before the connection broke.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import mmap
 import os
 import re
-import shutil
 import struct
 import tarfile
+import time
 import uuid
 import zipfile
 import zlib
@@ -63,6 +64,7 @@ class BodyReader:
             raise BodyError("bad Content-Length") from exc
         self.done = not self.chunked and self.remaining == 0
         self.received = 0
+        self.done_at: float | None = None  # time.monotonic() when the last byte was read
 
     def chunks(self, limit: int | None = None) -> Iterator[bytes]:
         """Yield body pieces; stop after `limit` bytes if given (the rest stays unread)."""
@@ -84,9 +86,9 @@ class BodyReader:
             self.remaining -= len(piece)
             self.received += len(piece)
             if self.remaining == 0:
-                self.done = True
+                self._finished()
             yield piece
-        self.done = True
+        self._finished()
 
     def _chunked(self) -> Iterator[bytes]:
         while not self.done:
@@ -100,7 +102,7 @@ class BodyReader:
             if size == 0:
                 while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                     pass  # trailers
-                self.done = True
+                self._finished()
                 return
             while size > 0:
                 piece = self.rfile.read(min(CHUNK, size))
@@ -111,6 +113,11 @@ class BodyReader:
                 yield piece
             if self.rfile.readline(1024) not in (b"\r\n", b"\n"):
                 raise BodyError("chunk not followed by CRLF")
+
+    def _finished(self) -> None:
+        if self.done_at is None:
+            self.done_at = time.monotonic()
+        self.done = True
 
     def read_all(self, cap: int) -> bytes:
         buf = bytearray()
@@ -125,7 +132,23 @@ class BodyReader:
             pass
 
 
-def save_body(body: BodyReader, out: BinaryIO, limit: int | None) -> bool:
+class HashingWriter:
+    """Writes through to a file and keeps the MD5 of what went by: the fake catalogs each
+    file's digest from the bytes it writes, never by reading the file again."""
+
+    def __init__(self, out: BinaryIO):
+        self.out = out
+        self.md5 = hashlib.md5()
+
+    def write(self, data: bytes) -> int:
+        self.md5.update(data)
+        return self.out.write(data)
+
+    def hexdigest(self) -> str:
+        return self.md5.hexdigest()
+
+
+def save_body(body: BodyReader, out: BinaryIO | HashingWriter, limit: int | None) -> bool:
     """Copy the body into `out`. False: it stopped early (drop limit, or the client left)."""
     try:
         for piece in body.chunks(limit):
@@ -234,33 +257,49 @@ def format_of(content_type: str, filename: str | None = None) -> str:
 
 @dataclass
 class Entry:
-    """One file from an upload: small ones in memory, large ones in a temp file."""
+    """One file from an upload: small ones in memory, large ones in a temp file.
+
+    digest: the MD5 of a file written to `path`, taken while it was written (files in
+    memory are hashed from `data` when filed).
+    """
 
     name: str
     data: bytes | None = None
     path: Path | None = None
+    digest: str | None = None
 
     def discard(self) -> None:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
 
 
-def iter_entries(fmt: str, path: Path, work: Path, complete: bool) -> Iterator[Entry]:
-    """The files of an upload in the order XNAT's importer sees them."""
+def iter_entries(fmt: str, path: Path, work: Path, complete: bool,
+                 digest: str | None = None) -> Iterator[Entry]:
+    """The files of an upload in the order XNAT's importer sees them. digest: the MD5 of
+    the body, when it was hashed as it was saved (a gradual-DICOM upload is one file)."""
     if fmt == "DICOM":
-        yield _whole_file("upload.dcm", path, work)
+        yield _whole_file("upload.dcm", path, work, digest)
     elif fmt == "zip":
         yield from _iter_zip(path, work, complete)
     else:
         yield from _iter_tar(path, work, complete)
 
 
-def _whole_file(name: str, path: Path, work: Path) -> Entry:
+def _whole_file(name: str, path: Path, work: Path, digest: str | None) -> Entry:
     if path.stat().st_size <= IN_MEMORY_LIMIT:
         return Entry(name, data=path.read_bytes())
     target = work / uuid.uuid4().hex
     os.replace(path, target)
-    return Entry(name, path=target)
+    return Entry(name, path=target, digest=digest)
+
+
+def _copy_hashed(src: BinaryIO, target: Path) -> str:
+    """Copy a stream into a new file; the MD5 of the bytes copied."""
+    with open(target, "wb") as dst:
+        out = HashingWriter(dst)
+        while piece := src.read(CHUNK):
+            out.write(piece)
+    return out.hexdigest()
 
 
 def _iter_zip(path: Path, work: Path, complete: bool) -> Iterator[Entry]:
@@ -299,9 +338,9 @@ def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, work: Path) -> Entry
         if info.file_size <= IN_MEMORY_LIMIT:
             return Entry(info.filename, data=zf.read(info))
         target = work / uuid.uuid4().hex
-        with zf.open(info) as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst, CHUNK)
-        return Entry(info.filename, path=target)
+        with zf.open(info) as src:
+            digest = _copy_hashed(src, target)
+        return Entry(info.filename, path=target, digest=digest)
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise XnatError(400, f"unable to read zip entry {info.filename}: {exc}") from exc
 
@@ -341,7 +380,8 @@ def _read_local_entry(f: BinaryIO, offset: int, work: Path) -> Entry | None:
     if csize == 0xFFFFFFFF or usize == 0xFFFFFFFF:
         usize, csize = _zip64_sizes(extra, usize, csize)
     target = work / uuid.uuid4().hex
-    with open(target, "wb") as out:
+    with open(target, "wb") as raw_out:
+        out = HashingWriter(raw_out)
         if flags & FLAG_DESCRIPTOR:
             _inflate_until_end(f, out)
             _skip_descriptor(f)
@@ -354,7 +394,7 @@ def _read_local_entry(f: BinaryIO, offset: int, work: Path) -> Entry | None:
         data = target.read_bytes()
         target.unlink()
         return Entry(name, data=data)
-    return Entry(name, path=target)
+    return Entry(name, path=target, digest=out.hexdigest())
 
 
 def _exact(f: BinaryIO, n: int) -> bytes:
@@ -379,7 +419,7 @@ def _zip64_sizes(extra: bytes, usize: int, csize: int) -> tuple[int, int]:
     return usize, csize
 
 
-def _copy_sized(f: BinaryIO, out: BinaryIO, csize: int, method: int) -> None:
+def _copy_sized(f: BinaryIO, out: HashingWriter, csize: int, method: int) -> None:
     inflater = zlib.decompressobj(-15) if method == zipfile.ZIP_DEFLATED else None
     left = csize
     while left > 0:
@@ -394,7 +434,7 @@ def _copy_sized(f: BinaryIO, out: BinaryIO, csize: int, method: int) -> None:
             raise EOFError("truncated deflate stream")
 
 
-def _inflate_until_end(f: BinaryIO, out: BinaryIO) -> None:
+def _inflate_until_end(f: BinaryIO, out: HashingWriter) -> None:
     """A deflated entry of unknown size ends where its deflate stream ends."""
     inflater = zlib.decompressobj(-15)
     while not inflater.eof:
@@ -430,9 +470,8 @@ def _iter_tar(path: Path, work: Path, complete: bool) -> Iterator[Entry]:
                     entry = Entry(member.name, data=src.read())
                 else:
                     target = work / uuid.uuid4().hex
-                    with open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst, CHUNK)
-                    entry = Entry(member.name, path=target)
+                    entry = Entry(member.name, path=target,
+                                  digest=_copy_hashed(src, target))
                 yield entry
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         if complete:
