@@ -255,11 +255,7 @@ def _transformed(member: Member) -> tuple[bytes, datetime]:
 
 
 def _chunks(data: bytes, member: Member, counter: Counter, after: Hook | None) -> Iterator[bytes]:
-    if len(data) <= CHUNK:
-        pieces: Iterable[bytes] = (data,)  # the common case: no slicing, no copy
-    else:
-        pieces = (data[start:start + CHUNK] for start in range(0, len(data), CHUNK))
-    for piece in pieces:
+    for piece in _pieces(data):
         counter.bytes += len(piece)
         yield piece
     counter.files += 1
