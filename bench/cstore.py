@@ -162,6 +162,7 @@ def _empty(folder: Path, expected: int) -> None:
         raise SystemExit(f"the receiver holds {len(stored)} of {expected} instances")
     for path in stored:
         path.unlink()
+    os.sync()  # no run pays for writing back the last one's files
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ from pynetdicom.association import Association
 P_DATA_TF, A_RELEASE_RQ, A_ABORT = 0x04, 0x05, 0x07
 #: largest P-DATA-TF we send when the receiver sets no limit (maximum length 0)
 UNLIMITED_PDU = 1 << 20
+#: buffers per gathered write (well under the kernel's IOV_MAX, 1024)
+IOV_BATCH = 256
+#: how much of a file is read at once for sending
+READ_SIZE = 1 << 20
 #: pynetdicom's DUL thread polls every _run_loop_delay (1 ms); while parked, every 20 ms
 PARKED_LOOP_DELAY = 0.02
 
@@ -98,13 +102,15 @@ class Wire:
         self.message_id = self.message_id % 0xFFFF + 1
         command = _c_store_rq(self.message_id, sop_class, sop_instance)
         try:
+            # the command and the data set's PDUs go out in gathered writes, straight from the
+            # file's buffers: no copy into one block
             out = list(self._pdvs(context_id, 0x03, memoryview(command), None, 0))
-            for data in self._pdvs(context_id, 0x00, memoryview(head), body, remaining):
-                out.append(data)
-                if len(out) >= 64:  # a C-STORE's first PDUs and its command share one write
-                    self.sock.sendall(b"".join(out))
+            for piece in self._pdvs(context_id, 0x00, memoryview(head), body, remaining):
+                out.append(piece)
+                if len(out) >= IOV_BATCH:
+                    self._send_gathered(out)
                     out = []
-            self.sock.sendall(b"".join(out))
+            self._send_gathered(out)
             return self._response()
         except WireError as exc:
             self.failure = str(exc)
@@ -118,27 +124,38 @@ class Wire:
 
     def _pdvs(self, context_id: int, control: int, head: memoryview, body: BinaryIO | None,
               remaining: int) -> Iterator[bytes | memoryview]:
-        """(head + `remaining` bytes of body) as P-DATA-TF PDUs of one PDV each, header and
-        value as separate pieces; control: 0x01 command, 0x00 data set; 0x02 marks the last.
-        The body is read in pieces of up to 1 MiB, so a large file is never held whole."""
+        """(head + `remaining` bytes of body) as P-DATA-TF PDUs of one PDV each: each PDU's
+        header, then its value as one or two slices of the buffers read (a value may span the
+        end of one buffer and the start of the next). control: 0x01 command, 0x00 data set;
+        0x02 marks the last. The body is read in pieces of up to 1 MiB: a large file is never
+        held whole."""
         total, offset = len(head) + remaining, 0
-        size = self.max_pdv
-        data = head
-        while True:
-            n = min(size, total - offset)
-            if len(data) < n:
-                more = body.read(max(n - len(data), min(1 << 20, total - offset - len(data)))) \
-                    if body else b""
-                data = memoryview(bytes(data) + more)
-                if len(data) < n:
-                    raise WireError("the file changed while it was sent")
+        data, unread = head, remaining
+        while offset < total:
+            n = min(self.max_pdv, total - offset)
             offset += n
             last = control & 0x01 | (0x02 if offset >= total else 0x00)
             yield struct.pack(">BBIIBB", P_DATA_TF, 0, n + 6, n + 2, context_id, last)
-            yield data[:n]
-            data = data[n:]
-            if offset >= total:
-                return
+            while n:
+                if not data:
+                    more = body.read(min(unread, READ_SIZE)) if body and unread else b""
+                    if not more:
+                        raise WireError("the file changed while it was sent")
+                    data, unread = memoryview(more), unread - len(more)
+                piece, data = data[:n], data[n:]
+                n -= len(piece)
+                yield piece
+
+    def _send_gathered(self, pieces: list[bytes | memoryview]) -> None:
+        """sendall for a list of buffers, in sendmsg calls (which may send part of them)."""
+        views = [memoryview(piece) for piece in pieces]
+        while views:
+            sent = self.sock.sendmsg(views)
+            while sent:
+                if sent >= len(views[0]):
+                    sent -= len(views.pop(0))
+                else:
+                    views[0], sent = views[0][sent:], 0
 
     def _response(self) -> StoreStatus:
         command = bytearray()
