@@ -13,7 +13,7 @@ Python's start-up and imports (~0.3-0.4 s) included, as a one-shot tool would pa
 The receiver is one `storescp --fork` (an association per child), TCP_NODELAY=1. Ends with one
 JSON line.
 
-    python bench/cstore.py [--instances 1000] [--pairs 3] [--associations 2]
+    python bench/cstore.py [--instances 1000] [--pairs 3] [--associations 3]
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--associations", type=int, default=2,
+    parser.add_argument("--associations", type=int, default=3,
                         help="our parallel run's associations (destination key `associations`)")
     parser.add_argument("--send", nargs=4, metavar=("FOLDER", "PORT", "AET", "N"),
                         help=argparse.SUPPRESS)

@@ -4,7 +4,6 @@ copy only; the original files are never written."""
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -177,38 +176,15 @@ class DicomSender:
                    should_stop: ShouldStop | None) -> None:
         """Store each instance; note in `delivery` why an association was lost, if one was.
 
-        Outcomes are reported (on_instance) on this thread, as each C-STORE is answered. Each
-        lane has at most one instance sent but not yet answered: a kill -9 re-sends at most
-        len(lanes) instances at the next start."""
-        if len(lanes) == 1:
-            lane = lanes[0]
-            for instance in instances:
-                if should_stop and should_stop():
-                    delivery.interrupted = True
-                    return
-                outcome = lane.store(study, instance)
-                self._report(delivery, instance, outcome, on_instance)
-                if not lane.alive:
-                    self._lost(delivery, outcome)
-                    return
-            return
-        self._store_parallel(lanes, study, instances, delivery, on_instance, should_stop)
-
-    def _store_parallel(self, lanes: list[_Lane], study: RoutedStudy, instances: list[Instance],
-                        delivery: Delivery, on_instance: OnInstance | None,
-                        should_stop: ShouldStop | None) -> None:
-        """Each lane takes the next instance as soon as its last one is answered and reported
-        (no lane waits for a slower one); this thread reports the answers."""
+        Each lane takes the next instance as soon as its last one is answered and reported (no
+        lane waits for a slower one), so at most len(lanes) instances are sent but not yet
+        reported: a kill -9 re-sends at most that many at the next start. With several lanes,
+        on_instance runs on the lanes' threads, one call at a time."""
         work = iter(instances)
-        take = threading.Lock()
+        take, report = threading.Lock(), threading.Lock()
         halt = threading.Event()
-        # sent but not yet reported: at most one per lane, whatever this thread's pace
-        unreported = threading.Semaphore(len(lanes))
-        done: queue.SimpleQueue[tuple[Instance, InstanceOutcome, _Lane] | None] = \
-            queue.SimpleQueue()
 
         def next_instance() -> Instance | None:
-            unreported.acquire()
             with take:
                 if halt.is_set():
                     return None
@@ -219,36 +195,28 @@ class DicomSender:
                 return next(work, None)
 
         def run(lane: _Lane) -> None:
-            try:
-                while (instance := next_instance()) is not None:
-                    try:
-                        outcome = lane.store(study, instance)
-                    except Exception as exc:  # reported as the instance's outcome
-                        lane.lost(f"{type(exc).__name__}: {exc}")
-                        outcome = InstanceOutcome(False, None, f"C-STORE of {instance.rel} "
-                                                  f"failed: {exc}", transient=True)
-                    done.put((instance, outcome, lane))
+            while (instance := next_instance()) is not None:
+                try:
+                    outcome = lane.store(study, instance)
+                except Exception as exc:  # reported as the instance's outcome
+                    lane.lost(f"{type(exc).__name__}: {exc}")
+                    outcome = InstanceOutcome(False, None, f"C-STORE of {instance.rel} failed: "
+                                              f"{exc}", transient=True)
+                with report:
+                    self._report(delivery, instance, outcome, on_instance)
                     if not lane.alive:
+                        if not delivery.error:
+                            self._lost(delivery, outcome)
                         halt.set()  # the others finish the one they are sending, then stop
                         return
-            finally:
-                done.put(None)
 
+        if len(lanes) == 1:
+            run(lanes[0])  # on the caller's thread
+            return
         threads = [threading.Thread(target=run, args=(lane,), name=f"cstore-{n}", daemon=True)
                    for n, lane in enumerate(lanes)]
         for thread in threads:
             thread.start()
-        running = len(threads)
-        while running:
-            item = done.get()
-            if item is None:
-                running -= 1
-                continue
-            instance, outcome, lane = item
-            self._report(delivery, instance, outcome, on_instance)
-            unreported.release()
-            if not lane.alive and not delivery.error:
-                self._lost(delivery, outcome)
         for thread in threads:
             thread.join()
 
