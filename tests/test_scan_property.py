@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
 from xnat_inbox.claim import ClaimedDrop
 from xnat_inbox.config import InboxConfig
 from xnat_inbox.headers import plain_instance, pydicom_header
-from xnat_inbox.rawheader import HEADER_WINDOW, has_preamble
+from xnat_inbox.rawheader import FIRST_WINDOW, has_preamble
 from xnat_inbox.report import DropReport
 from xnat_inbox.scan import scan_drop
 from xnat_inbox.synthetic import Patient, SeriesSpec, write_session
@@ -72,13 +73,16 @@ PLAIN_SAMPLES = {
     "implicit VR": _sample_dicom(transfer_syntax=ImplicitVRLittleEndian),
     "UTF-8 names": _sample_dicom(patient=Patient(patient_id="SÜBJ-1", patient_name="Müller^Zoë")),
     "no pixel data": _sample_dicom(extra={"PixelData": None}),
+    "header past the first window": _sample_dicom(extra={"ReferencedImageSequence": [
+        Dataset(ReferencedSOPInstanceUID=f"1.2.3.{n}") for n in range(3000)]}),
 }
 
 
 def _both_readings(path: Path, content: bytes) -> tuple[tuple, tuple]:
     plain_phi: set[str] = set()
     slow_phi: set[str] = set()
-    plain = plain_instance(content[:HEADER_WINDOW], path, "f.dcm", len(content), plain_phi)
+    with open(path, "rb") as stream:
+        plain = plain_instance(stream, path, "f.dcm", len(content), plain_phi)
     with open(path, "rb") as stream:
         slow = pydicom_header(stream, has_preamble(content), path, "f.dcm", len(content),
                               slow_phi)
@@ -92,6 +96,8 @@ def test_ordinary_files_are_read_from_their_raw_header_as_pydicom_reads_them(tmp
     path.write_bytes(content)
     (plain, plain_phi), (slow, slow_phi) = _both_readings(path, content)
     assert plain is not None, "the raw-header reading handed an ordinary file to pydicom"
+    if name == "header past the first window":
+        assert content.index(b"\xe0\x7f\x10\x00") > FIRST_WINDOW
     assert plain == slow and plain.instance is not None
     assert plain_phi == slow_phi and plain_phi
 

@@ -15,7 +15,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEnd
 
 from xnat_inbox.claim import claim, claimed_drops
 from xnat_inbox.config import InboxConfig
-from xnat_inbox.rawheader import HEADER_WINDOW
+from xnat_inbox.rawheader import FIRST_WINDOW, HEADER_WINDOW
 from xnat_inbox.route import Labels, RoutedStudy
 from xnat_inbox.scan import Kind, scan_drop
 from xnat_inbox.senders.dicom import association_batches, context_key, outgoing_header
@@ -187,11 +187,13 @@ def test_routing_splice_sends_what_the_pydicom_header_path_sends(tmp_path, synta
     assert session.files
 
 
+@pytest.mark.parametrize("window", [FIRST_WINDOW, HEADER_WINDOW])
 @pytest.mark.parametrize("before_end", [4000, 2, 0])
-def test_routing_splice_of_an_element_that_runs_past_the_header_window(tmp_path, before_end):
-    """The old routing element's value starts `before_end` bytes before the end of the window
-    the splice reads, and ends past it: what is sent is still the file, with only that element
-    replaced."""
+def test_routing_splice_of_an_element_that_runs_past_the_header_window(tmp_path, window,
+                                                                       before_end):
+    """The old routing element's value starts `before_end` bytes before the end of a window
+    the splice reads (the first, or the longest), and ends past it: what is sent is still the
+    file, with only that element replaced."""
     comments = "c" * 8000
     session = write_session(tmp_path / "s", series=(SeriesSpec("T1", 1),),
                             extra={"PatientComments": comments})
@@ -207,9 +209,9 @@ def test_routing_splice_of_an_element_that_runs_past_the_header_window(tmp_path,
         return path.read_bytes().index(comments.encode())
 
     per_item = value_at(1001, 0) - value_at(1000, 0)
-    items = (HEADER_WINDOW - before_end - value_at(0, 0)) // per_item
-    padding = HEADER_WINDOW - before_end - value_at(items, 0)
-    assert value_at(items, padding) == HEADER_WINDOW - before_end
+    items = (window - before_end - value_at(0, 0)) // per_item
+    padding = window - before_end - value_at(items, 0)
+    assert value_at(items, padding) == window - before_end
     [study] = scan_drop(tmp_path / "s").studies.values()
     routed = RoutedStudy(study, "scp", Labels("P", "S", "E"), "PatientComments", "xnat://P/S/E",
                          included=list(study.series.values()))

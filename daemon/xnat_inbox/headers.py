@@ -19,13 +19,14 @@ from pydicom.uid import (
 from pydicom.values import convert_PN, convert_text
 
 from .rawheader import (
-    HEADER_WINDOW,
     PIXEL_DATA,
     UNDEFINED,
+    PastWindow,
     Unusual,
     elements,
     file_meta,
     has_preamble,
+    read_window,
 )
 from .scanned import FileEntry, Instance, Kind
 
@@ -44,11 +45,12 @@ PLAIN_TAGS = frozenset({*REQUIRED_UIDS, *PHI_TAG_NUMBERS, 0x00080005, 0x00080060
 
 def read_header(path: Path, rel: str, size: int, phi: set[str]) -> FileEntry:
     with open(path, "rb") as stream:
-        head = stream.read(HEADER_WINDOW)
-        if (plain := plain_instance(head, path, rel, size, phi)) is not None:
+        if (plain := plain_instance(stream, path, rel, size, phi)) is not None:
             return plain
         stream.seek(0)
-        return pydicom_header(stream, has_preamble(head), path, rel, size, phi)
+        preamble = has_preamble(stream.read(132))
+        stream.seek(0)
+        return pydicom_header(stream, preamble, path, rel, size, phi)
 
 
 def pydicom_header(stream: BinaryIO, preamble: bool, path: Path, rel: str, size: int,
@@ -72,17 +74,20 @@ def pydicom_header(stream: BinaryIO, preamble: bool, path: Path, rel: str, size:
                          else "not a DICOM file")
 
 
-def plain_instance(buf: bytes, path: Path, rel: str, size: int,
+def plain_instance(stream: BinaryIO, path: Path, rel: str, size: int,
                    phi: set[str]) -> FileEntry | None:
-    """The usual file read from its raw header (`buf`, its first HEADER_WINDOW bytes): a
-    preamble, little endian, every UID there, native pixel data (or none) ending exactly at the
-    end of the file. None for anything else: pydicom judges it and words the reason."""
+    """The usual file read from its raw header: a preamble, little endian, every UID there,
+    native pixel data (or none) ending exactly at the end of the file. None for anything else:
+    pydicom judges it and words the reason."""
     try:
-        found = _plain_values(buf, size)
+        _, found = read_window(stream, lambda buf: _plain_values(buf, size))
     except (Unusual, struct.error, UnicodeDecodeError, ValueError):
         return None
-    if found is None:
-        return None
+    return None if found is None else _plain_entry(found, path, rel, size, phi)
+
+
+def _plain_entry(found: dict[str, Any], path: Path, rel: str, size: int,
+                 phi: set[str]) -> FileEntry:
     phi_values = (found["patient_id"], found.pop("patient_name"), found.pop("birth_date"))
     phi.update(value for value in phi_values if value)
     instance = Instance(path=path, rel=rel, size=size, **found)
@@ -102,14 +107,16 @@ def _plain_values(buf: bytes, size: int) -> dict[str, Any] | None:
     for tag, value_at, length, end in elements(buf, at, syntax == ImplicitVRLittleEndian):
         if tag in PLAIN_TAGS:
             if end > len(buf):
-                return None
+                raise PastWindow("a value runs past the bytes read")
             raw[tag] = buf[value_at:end]
         if tag == PIXEL_DATA:
             if length == UNDEFINED:
                 return None
             break
-    if end != size or (end == len(buf) == HEADER_WINDOW):
-        return None  # truncated, elements after the pixel data, or a header past the window
+    if end == len(buf) < size:
+        raise PastWindow("the header goes on past the bytes read")
+    if end != size:
+        return None  # truncated, or elements after the pixel data
     uids = [_ascii(raw.get(tag, b"")) for tag in REQUIRED_UIDS]
     if not all(uids):
         return None

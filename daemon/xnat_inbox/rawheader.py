@@ -10,9 +10,13 @@ HEADER_WINDOW) to pydicom by catching `Unusual`.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, TypeVar
 
-#: how much of a file's start is looked at; MR headers are 2-20 KB
+T = TypeVar("T")
+
+#: how much of a file's start is read first (most MR headers are 2-10 KB), and at most
+FIRST_WINDOW = 16384
 HEADER_WINDOW = 65536
 #: explicit VRs with a 4-byte length (PS3.5 7.1.2), as pydicom's EXPLICIT_VR_LENGTH_32
 LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
@@ -34,6 +38,23 @@ class Unusual(Exception):
     """Something only pydicom's reader should judge."""
 
 
+class PastWindow(Unusual):
+    """The header goes on past the bytes read: read more (up to HEADER_WINDOW) and walk again."""
+
+
+def read_window(fp: BinaryIO, walk: Callable[[bytes], T]) -> tuple[bytes, T]:
+    """`walk` over the file's first FIRST_WINDOW bytes, or over its first HEADER_WINDOW bytes
+    when the header is longer; the bytes walked and walk's result (Unusual passes)."""
+    buf = fp.read(FIRST_WINDOW)
+    try:
+        return buf, walk(buf)
+    except PastWindow:
+        if len(buf) < FIRST_WINDOW:
+            raise
+        buf += fp.read(HEADER_WINDOW - len(buf))
+        return buf, walk(buf)
+
+
 def has_preamble(buf: bytes) -> bool:
     return buf[128:132] == b"DICM"
 
@@ -45,7 +66,7 @@ def file_meta(buf: bytes) -> tuple[dict[int, bytes], int]:
     at = 132
     while True:
         if at + 2 > len(buf):
-            raise Unusual("the file ends inside its file meta")
+            raise PastWindow("the file meta goes on past the window")
         group, = struct.unpack_from("<H", buf, at)
         if group != 0x0002:
             return values, at
@@ -58,7 +79,7 @@ def element_at(buf: bytes, at: int, implicit: bool,
     """(tag, value offset, value length, offset after the element) of the element at `at`.
     Encapsulated pixel data (undefined length) ends the walk: its end is its value offset."""
     if at + 8 > len(buf):
-        raise Unusual("header longer than the window")
+        raise PastWindow("header longer than the window")
     if little:
         group, elem, length = _LITTLE.unpack_from(buf, at)
     else:
@@ -71,7 +92,7 @@ def element_at(buf: bytes, at: int, implicit: bool,
             raise Unusual("not a VR where one should be")
         if vr in LONG_VRS:
             if at + 12 > len(buf):
-                raise Unusual("header longer than the window")
+                raise PastWindow("header longer than the window")
             length, = struct.unpack_from("<I" if little else ">I", buf, at + 8)
             value_at = at + 12
         else:
@@ -94,8 +115,11 @@ def _past_delimiter(buf: bytes, at: int, implicit: bool, little: bool) -> int:
 
 def elements(buf: bytes, at: int, implicit: bool,
              little: bool = True) -> Iterator[tuple[int, int, int, int]]:
-    """The top-level elements from `at` on, as element_at gives them, until the end of buf."""
+    """The top-level elements from `at` on, as element_at gives them, until the end of buf;
+    PastWindow when one runs past it (stop iterating before that to keep what was read)."""
     while at < len(buf):
         element = element_at(buf, at, implicit, little)
         yield element
         at = element[3]
+    if at > len(buf):
+        raise PastWindow("an element runs past the bytes read")
