@@ -7,7 +7,7 @@ folders (to-a/ and to-b/, a route.yaml each) and every drop waits in both: every
 to both receivers, and the two destinations' lanes flow in parallel.
 
   run A (reference): the instances as ONE drop (in each routing folder)
-  run B:             the same number of instances as --drops drops (100 × 200 by default)
+  run B:             the same number of instances as --drops drops (100 x 200 by default)
 
 Both runs find their drops waiting when the daemon starts (files dated an hour back, as after a
 downtime). Throughput = instances delivered to both destinations ÷ seconds from the first claim
@@ -16,7 +16,7 @@ the settle check before the first claim are the same in both runs and are shown 
 ("first claim after"). ratio = throughput B ÷ throughput A, pair by pair (A and B alternate, the
 order reversed every other pair, so drift cancels); target ≥ 0.9. In run B the daemon's RSS
 (/proc/<pid>/status VmRSS) is read after each finished drop: first, last and max are printed.
-Instances are small synthetic MR (64×64, 16-bit, ≈9 KB) so that per-drop costs show and a run
+Instances are small synthetic MR (64x64, 16-bit, ≈9 KB) so that per-drop costs show and a run
 stays short. Every instance is counted at both receivers and every drop must be in done/.
 Ends with one JSON line.
 
@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -53,6 +54,8 @@ class Run:
     instances: int  # delivered, both receivers together
     seconds: float  # first claim to last finish
     first_claim_s: float  # daemon launch to the first claim
+    scan_s: float = 0.0  # summed over the drops (their reports' timings)
+    send_s: float = 0.0
     rss_mb: list[float] = field(default_factory=list)  # after each finished drop
 
     @property
@@ -73,7 +76,8 @@ def make_sources(root: Path, instances: int, drops: int, rows: int) -> dict[str,
 
 
 def write_config(work: Path, inbox: Path, ports: dict[str, int], aet: str) -> Path:
-    from tests.daemon_runner import dicom_destination, write_config as write_site
+    from tests.daemon_runner import dicom_destination
+    from tests.daemon_runner import write_config as write_site
 
     destinations = {}
     for name, port in ports.items():
@@ -121,10 +125,11 @@ def run_once(kind: str, source: Path, work: Path, ports: dict[str, int], aet: st
     daemon = DaemonProcess(config, work / "daemon.log")
     launched = time.time()
     daemon.launch()
-    spy = _profiler(daemon.pid, profile, kind) if profile else None
+    spy = None
     samples: list[float] = []
     seen = 0
     try:
+        spy = _profiler(daemon.pid, profile, kind) if profile else None
         deadline = time.monotonic() + 60 + instances * 0.01
         while seen < expected:
             finished = len(list(inbox.glob("done/*/*.report.json"))) + \
@@ -140,33 +145,40 @@ def run_once(kind: str, source: Path, work: Path, ports: dict[str, int], aet: st
             time.sleep(0.02)
     finally:
         if spy is not None:
-            spy.terminate()  # py-spy writes its profile on SIGTERM... wait for it
+            spy.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
             spy.wait(timeout=60)
         code = daemon.stop()
     if code != 0:
         raise SystemExit(f"daemon exit code {code}")
-    first, last = _check(inbox, expected, receivers, instances)
-    return Run(kind, expected, 2 * instances, last - first, first - launched, samples)
+    reports = _check(inbox, expected, receivers, instances)
+    first, last = _span(reports)
+    return Run(kind, expected, 2 * instances, last - first, first - launched, samples,
+               sum(r["timings"]["scan_seconds"] for r in reports),
+               sum(s["send_seconds"] for r in reports for s in r["studies"]))
 
 
 def _profiler(pid: int, profile: Path, kind: str) -> subprocess.Popen[bytes]:
     profile.mkdir(parents=True, exist_ok=True)
     out = profile / f"backlog-{kind}-{int(time.time())}.txt"
-    return subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "--pid", str(pid),
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return subprocess.Popen([spy, "record", "--pid", str(pid),
                              "--format", "raw", "--rate", "200", "--threads", "--nonblocking",
                              "-o", str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
 
 def _check(inbox: Path, drops: int, receivers: dict[str, Path],
-           instances: int) -> tuple[float, float]:
-    """Every drop in done/, every instance at both receivers; (first claim, last finish)."""
+           instances: int) -> list[dict[str, Any]]:
+    """Every drop in done/ with all its files, every instance at both receivers; the reports."""
     failed = list(inbox.glob("failed/*/*.report.json"))
     if failed:
         raise SystemExit(f"{len(failed)} drop(s) failed, e.g. {failed[0]}")
     reports = [json.loads(p.read_text()) for p in inbox.glob("done/*/*.report.json")]
     if len(reports) != drops:
         raise SystemExit(f"{len(reports)} of {drops} drops in done/")
+    originals = sum(1 for _ in inbox.glob("done/*/*/**/*.dcm"))
+    if originals != 2 * instances:  # moved, never deleted: both routing folders' copies
+        raise SystemExit(f"done/ holds {originals} of {2 * instances} original files")
     for name, folder in receivers.items():
         stored = [p for p in folder.rglob("*") if p.is_file()]
         if len(stored) != instances:
@@ -176,6 +188,11 @@ def _check(inbox: Path, drops: int, receivers: dict[str, Path],
             raise SystemExit(f"receiver {name} holds {len(stored)} of {instances} instances")
         for path in stored:
             path.unlink()
+    return reports
+
+
+def _span(reports: list[dict[str, Any]]) -> tuple[float, float]:
+    """(first claim, last finish) as epoch seconds."""
     claimed = [datetime.fromisoformat(r["timings"]["claimed_at"]).timestamp() for r in reports]
     finished = [datetime.fromisoformat(r["timings"]["finished_at"]).timestamp()
                 for r in reports]
@@ -188,7 +205,8 @@ def summarise(runs: list[tuple[Run, Run]], args: argparse.Namespace) -> dict[str
           f"A = 1 drop, B = {args.drops} drops (per destination); throughput = instances at "
           "both receivers / seconds from the first claim to the last finish")
     print(f"{'pair':>4} {'A s':>7} {'A inst/s':>9} {'B s':>7} {'B inst/s':>9} {'ratio':>6} "
-          f"{'claim A':>8} {'claim B':>8} {'RSS B first/last/max MB':>24}")
+          f"{'claim A':>8} {'claim B':>8} {'scan+send A':>12} {'scan+send B':>12} "
+          f"{'RSS B first/last/max MB':>24}")
     ratios = []
     for pair, (a, b) in enumerate(runs, 1):
         ratio = b.throughput / a.throughput
@@ -196,7 +214,8 @@ def summarise(runs: list[tuple[Run, Run]], args: argparse.Namespace) -> dict[str
         rss = f"{b.rss_mb[0]:.1f}/{b.rss_mb[-1]:.1f}/{max(b.rss_mb):.1f}"
         print(f"{pair:>4} {a.seconds:>7.2f} {a.throughput:>9.0f} {b.seconds:>7.2f} "
               f"{b.throughput:>9.0f} {ratio:>6.3f} {a.first_claim_s:>8.2f} "
-              f"{b.first_claim_s:>8.2f} {rss:>24}")
+              f"{b.first_claim_s:>8.2f} {f'{a.scan_s:.1f}+{a.send_s:.1f}':>12} "
+              f"{f'{b.scan_s:.1f}+{b.send_s:.1f}':>12} {rss:>24}")
     last_b = runs[-1][1]
     return {
         "bench": "backlog", "ratio": round(statistics.median(ratios), 3),
