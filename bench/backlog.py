@@ -101,8 +101,9 @@ def place_drops(source: Path, inbox: Path) -> int:
         for drop in sorted(source.iterdir()):
             target = inbox / folder / drop.name
             subprocess.run(["cp", "-al", str(drop), str(target)], check=True)
-            for dirpath, _, _ in os.walk(target):  # new folders: date them back too
-                os.utime(dirpath, (old, old))
+            for dirpath, _, names in os.walk(target):  # links share the sources' inodes
+                for name in [*names, "."]:
+                    os.utime(os.path.join(dirpath, name), (old, old))
             count += 1
     return count
 
@@ -115,7 +116,8 @@ def rss_mb(pid: int) -> float:
 
 
 def run_once(kind: str, source: Path, work: Path, ports: dict[str, int], aet: str,
-             receivers: dict[str, Path], instances: int, profile: Path | None) -> Run:
+             receivers: dict[str, Path], instances: int, profile: Path | None,
+             logs: Path | None) -> Run:
     from tests.daemon_runner import DaemonProcess
 
     shutil.rmtree(work, ignore_errors=True)
@@ -148,13 +150,17 @@ def run_once(kind: str, source: Path, work: Path, ports: dict[str, int], aet: st
             spy.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
             spy.wait(timeout=60)
         code = daemon.stop()
+        if logs:
+            logs.mkdir(parents=True, exist_ok=True)
+            shutil.copy(daemon.log_path, logs / f"daemon-{kind}-{int(launched)}.log")
     if code != 0:
         raise SystemExit(f"daemon exit code {code}")
     reports = _check(inbox, expected, receivers, instances)
     first, last = _span(reports)
-    return Run(kind, expected, 2 * instances, last - first, first - launched, samples,
-               sum(r["timings"]["scan_seconds"] for r in reports),
-               sum(s["send_seconds"] for r in reports for s in r["studies"]))
+    return Run(kind, expected, 2 * instances, last - first, first - launched,
+               scan_s=sum(r["timings"]["scan_seconds"] for r in reports),
+               send_s=sum(s["send_seconds"] for r in reports for s in r["studies"]),
+               rss_mb=samples)
 
 
 def _profiler(pid: int, profile: Path, kind: str) -> subprocess.Popen[bytes]:
@@ -162,7 +168,7 @@ def _profiler(pid: int, profile: Path, kind: str) -> subprocess.Popen[bytes]:
     out = profile / f"backlog-{kind}-{int(time.time())}.txt"
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     return subprocess.Popen([spy, "record", "--pid", str(pid),
-                             "--format", "raw", "--rate", "200", "--threads", "--nonblocking",
+                             "--format", "raw", "--rate", "200", "--gil", "--nonblocking",
                              "-o", str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
@@ -239,7 +245,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=64, help="image rows and columns")
     parser.add_argument("--only", choices=("A", "B"), help="one kind of run (profiling)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
-                        help="py-spy record --pid the daemon (raw collapsed stacks) into DIR")
+                        help="py-spy record --gil --pid the daemon into DIR (raw collapsed "
+                        "stacks of the thread holding the GIL: where its CPU goes)")
+    parser.add_argument("--logs", type=Path, metavar="DIR", help="keep the daemon's logs in DIR")
     args = parser.parse_args()
 
     from tests.peers import StoreSCP
@@ -261,7 +269,8 @@ def main() -> int:
                     if args.only and kind != args.only:
                         continue
                     done[kind] = run_once(kind, sources[kind], root / "run", ports, scp_a.aet,
-                                          receivers, args.instances, args.profile)
+                                          receivers, args.instances, args.profile,
+                                          args.logs)
                     print(f"pair {pair} run {kind}: {done[kind].seconds:.2f} s", flush=True)
                 if len(done) == 2:
                     runs.append((done["A"], done["B"]))

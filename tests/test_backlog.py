@@ -15,8 +15,11 @@ from tests.daemon_runner import dicom_destination, reports, wait_for_report, wri
 from tests.peers import StoreSCP
 from xnat_inbox import finish as finish_step
 from xnat_inbox.claim import claim, claimed_drops
-from xnat_inbox.config import InboxConfig, load_config
+from xnat_inbox.config import DicomDestination, InboxConfig, load_config
 from xnat_inbox.finish import FINISH_FILE, complete_finish, finish, plan_target, reserve_recorded
+from xnat_inbox.route import Labels, RoutedStudy
+from xnat_inbox.scan import scan_drop
+from xnat_inbox.senders.dicom import DicomSender
 from xnat_inbox.service import Daemon
 from xnat_inbox.settle import RECHECK_SECONDS
 from xnat_inbox.synthetic import SeriesSpec, write_session
@@ -139,3 +142,25 @@ def test_a_backlog_in_two_routing_folders_is_delivered_to_both_destinations(tmp_
         assert sorted(sorted(k.items()) for k in kept) == \
             sorted(sorted(s.items()) for s in sums.values())  # every original, moved
         assert len(scp_a.files()) == len(scp_b.files()) == 3 * len(names)
+
+
+@pytest.mark.e2e
+def test_associations_are_released_not_aborted_while_the_lane_moves_on(tmp_path, storescp):
+    """The release runs in the background; close() (at shutdown) waits for it."""
+    sessions = [write_session(tmp_path / f"S{n}", series=(SeriesSpec("T1", 2),))
+                for n in range(3)]
+    sender = DicomSender("scp", DicomDestination(type="dicom", host=storescp.host,
+                                                 port=storescp.port, called_ae=storescp.aet))
+    for n, _ in enumerate(sessions):
+        [study] = scan_drop(tmp_path / f"S{n}").studies.values()
+        routed = RoutedStudy(study, "scp", Labels("P", "S", "E"), "StudyDescription",
+                             "xnat://P/S/E", included=list(study.series.values()))
+        delivery = sender.send(routed, routed.instances)
+        assert delivery.stored == 2 and delivery.error is None
+    sender.close()
+    assert not any(thread.is_alive() for thread in threading.enumerate()
+                   if thread.name.startswith("release "))
+    log = storescp.log_text()
+    assert log.count("Association Release") == 3, log[-2000:]
+    assert "Abort" not in log
+    assert len(storescp.files()) == 6
