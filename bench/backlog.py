@@ -231,6 +231,8 @@ def summarise(runs: list[tuple[Run, Run]], args: argparse.Namespace) -> dict[str
         "instances": args.instances, "drops": args.drops, "destinations": 2,
         "rss_first_mb": round(last_b.rss_mb[0], 1), "rss_last_mb": round(last_b.rss_mb[-1], 1),
         "rss_max_mb": round(max(last_b.rss_mb), 1), "rss_samples": len(last_b.rss_mb),
+        "rss_quartiles_mb": [round(last_b.rss_mb[len(last_b.rss_mb) * q // 4], 1)
+                             for q in (1, 2, 3)],
         "first_claim_s": round(statistics.median(r.first_claim_s for p in runs for r in p), 2),
         "pairs": len(runs)}
 
