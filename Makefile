@@ -41,6 +41,7 @@ bench: $(STAMP) system-deps
 	$(BIN)/python bench/cstore.py
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/rest.py
+	$(BIN)/python bench/backlog.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check daemon tests bench

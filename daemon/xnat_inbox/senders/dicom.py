@@ -165,8 +165,8 @@ class DicomSender:
             if not lane.alive:
                 lane.close()  # an abort: at once
                 continue
-            thread = threading.Thread(target=lane.close, name=f"release {self.name}",
-                                      daemon=True)
+            # not a daemon thread: a process that exits after send() still releases politely
+            thread = threading.Thread(target=lane.close, name=f"release {self.name}")
             thread.start()
             self._releasing.append(thread)
 
