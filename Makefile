@@ -42,6 +42,7 @@ bench: $(STAMP) system-deps
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/rest.py
 	$(BIN)/python bench/watch.py
+	$(BIN)/python bench/backlog.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check daemon tests bench

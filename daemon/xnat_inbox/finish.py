@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,12 @@ from .unpack import UNPACKED
 
 FINISH_FILE = "finish.json"
 BESIDE = {"report.json": ".report.json", "drop.log": ".log"}  # work-area name: suffix
+
+# Targets chosen and not moved into yet. Lanes finish in parallel: two drops of the same name
+# (from two routing folders) must not both be given the same free name, or the second would
+# find it taken, believe it its own completed copy and remove its originals.
+_planned: set[Path] = set()
+_planned_lock = threading.Lock()
 
 
 class FinishError(Exception):
@@ -35,17 +42,32 @@ def plan_target(drop: ClaimedDrop, ok: bool, when: datetime) -> Path:
     except OSError as exc:
         raise FinishError(f"cannot create {folder}: {exc.strerror}; the drop stays in the work "
                           "area and is resumed at the next start") from None
-    return free_name(folder, drop.name)
+    with _planned_lock:
+        target = free_name(folder, drop.name)
+        _planned.add(target)
+    return target
 
 
 def free_name(folder: Path, name: str) -> Path:
-    """`name` in `folder`, with -1, -2, ... when it (or its report) is taken."""
+    """`name` in `folder`, with -1, -2, ... when it (or its report) is taken or planned."""
     candidate, n = name, 0
-    while any(os.path.lexists(folder / f"{candidate}{suffix}")
-              for suffix in ("", *BESIDE.values())):
+    while folder / candidate in _planned or any(
+            os.path.lexists(folder / f"{candidate}{suffix}") for suffix in ("", *BESIDE.values())):
         n += 1
         candidate = f"{name}-{n}"
     return folder / candidate
+
+
+def reserve_recorded(drop: ClaimedDrop) -> None:
+    """At start-up: a finish recorded before a restart keeps its target from new drops."""
+    if finish_pending(drop):
+        with _planned_lock:
+            _planned.add(_recorded_target(drop))
+
+
+def _release(target: Path) -> None:
+    with _planned_lock:
+        _planned.discard(target)
 
 
 def finish(drop: ClaimedDrop, target: Path, report: dict[str, Any], log_lines: list[str]) -> Path:
@@ -55,6 +77,7 @@ def finish(drop: ClaimedDrop, target: Path, report: dict[str, Any], log_lines: l
         _write_atomically(drop.area / "drop.log", "\n".join(log_lines) + "\n")
         _write_atomically(drop.area / FINISH_FILE, json.dumps({"target": str(target)}))
     except OSError as exc:
+        _release(target)  # nothing recorded: the next attempt plans afresh
         raise FinishError(f"cannot write the report in {drop.area}: {exc.strerror}; the drop "
                           "stays in the work area and is resumed at the next start") from None
     return complete_finish(drop)
@@ -66,7 +89,7 @@ def finish_pending(drop: ClaimedDrop) -> bool:
 
 def complete_finish(drop: ClaimedDrop) -> Path:
     """Carry out a recorded finish; safe to call again after a crash at any point."""
-    target = Path(json.loads((drop.area / FINISH_FILE).read_text(encoding="utf-8"))["target"])
+    target = _recorded_target(drop)
     try:
         if os.path.lexists(drop.path):
             if os.path.lexists(target):
@@ -83,7 +106,12 @@ def complete_finish(drop: ClaimedDrop) -> Path:
                           "in the work area and is resumed at the next start") from None
     shutil.rmtree(drop.area / UNPACKED, ignore_errors=True)  # our copy of an archive's content
     release_area(drop, FINISH_FILE)
+    _release(target)
     return target
+
+
+def _recorded_target(drop: ClaimedDrop) -> Path:
+    return Path(json.loads((drop.area / FINISH_FILE).read_text(encoding="utf-8"))["target"])
 
 
 def _move(drop: ClaimedDrop, target: Path) -> None:

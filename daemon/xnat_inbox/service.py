@@ -13,11 +13,11 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exp
 
 from .claim import ClaimedDrop, ClaimError, claim, claimed_drops
 from .config import InboxConfig, RetryPolicy, SiteConfig
-from .finish import FinishError
+from .finish import FinishError, reserve_recorded
 from .logs import get_logger
 from .pipeline import Interrupted, Pipeline, TransientFailure
 from .reload import reload_config
-from .settle import SettleTracker
+from .settle import SettleTracker, snapshot
 from .state import State
 from .supervise import Supervisor
 from .watch import DropRef, InboxWatcher, existing_drops, is_routing_folder
@@ -101,7 +101,10 @@ class Daemon:
 
     def adopt_inbox(self, inbox: InboxConfig) -> None:
         """Resume what an earlier run left claimed in this inbox, then watch it."""
-        for drop in claimed_drops(inbox):
+        resumed = claimed_drops(inbox)
+        for drop in resumed:  # before any lane plans a target of its own
+            reserve_recorded(drop)
+        for drop in resumed:
             self.state.drop_stage(drop.id, "resumed", inbox=str(drop.inbox.path),
                                   origin=drop.relative_origin, name=drop.name,
                                   claimed_at=drop.claimed_at.isoformat())
@@ -118,7 +121,17 @@ class Daemon:
                       mode="polling" if watcher.polling else "inotify",
                       settle_seconds=self.config.settle_for(inbox))
         for ref in existing_drops(inbox):
-            self.touch(ref)
+            self.touch(ref, self._quiet_for(ref))
+
+    def _quiet_for(self, ref: DropRef) -> float:
+        """How long a drop found at start-up has been quiet, by its newest mtime (files and
+        folders; a copy in progress keeps the folder it fills fresh), at most settle_seconds:
+        a backlog that waited through a downtime needs only the two agreeing snapshots."""
+        found = snapshot(ref)
+        if found is None:
+            return 0.0
+        age = time.time() - found.newest_mtime_ns / 1e9
+        return min(max(age, 0.0), self.config.settle_for(ref.inbox))
 
     # --- the loop -----------------------------------------------------------------------
     def run(self) -> None:

@@ -147,10 +147,13 @@ class State:
     # --- instances ----------------------------------------------------------------------
     def record_instance(self, drop_id: str, destination: str, study_uid: str, sop_uid: str,
                         stored: bool, status: int | None, note: str | None) -> None:
-        with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (drop_id, destination, sop_uid, study_uid, int(stored), status, note,
-                        time.time()))
+        # one statement is its own transaction (autocommit): as durable as BEGIN/COMMIT around
+        # it, but one call into SQLite instead of three, each of which hands the GIL to a
+        # scanning lane and waits to get it back (measured: the other lane's C-STOREs slow down)
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (drop_id, destination, sop_uid, study_uid, int(stored), status, note,
+                             time.time()))
 
     def acknowledged(self, drop_id: str,
                      destination: str) -> dict[str, tuple[int | None, str | None]]:

@@ -73,6 +73,7 @@ class DicomSender:
     def __init__(self, name: str, destination: DicomDestination) -> None:
         self.name = name
         self.destination = destination
+        self._releasing: list[threading.Thread] = []
 
     @property
     def where(self) -> str:
@@ -150,12 +151,30 @@ class DicomSender:
             try:
                 self._store_all(lanes, study, batch, delivery, on_instance, should_stop)
             finally:
-                for lane in lanes:
-                    lane.close()
+                self._close(lanes)
             if delivery.error or delivery.interrupted:
                 break
         delivery.seconds = time.monotonic() - started
         return delivery
+
+    def _close(self, lanes: list[_Lane]) -> None:
+        """Release in the background: every C-STORE was answered, and pynetdicom's A-RELEASE
+        handshake (≈30 ms, mostly its reactors' sleeps) would hold up the lane's next drop."""
+        self._releasing = [thread for thread in self._releasing if thread.is_alive()]
+        for lane in lanes:
+            if not lane.alive:
+                lane.close()  # an abort: at once
+                continue
+            # not a daemon thread: a process that exits after send() still releases politely
+            thread = threading.Thread(target=lane.close, name=f"release {self.name}")
+            thread.start()
+            self._releasing.append(thread)
+
+    def close(self) -> None:
+        """Wait for the releases still under way (at shutdown)."""
+        for thread in self._releasing:
+            thread.join(timeout=self.destination.acse_timeout + 5)
+        self._releasing = []
 
     def _open_lanes(self, contexts: list[Any], instances: int) -> list[_Lane]:
         """One association per lane (`associations` in the destination's config); when the

@@ -1,0 +1,166 @@
+"""A backlog: drops waiting at start-up, same-named drops finishing in parallel lanes."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import checksums
+from tests.daemon_runner import dicom_destination, reports, wait_for_report, write_config
+from tests.peers import StoreSCP
+from xnat_inbox import finish as finish_step
+from xnat_inbox.claim import claim, claimed_drops
+from xnat_inbox.config import DicomDestination, InboxConfig, load_config
+from xnat_inbox.finish import FINISH_FILE, complete_finish, finish, plan_target, reserve_recorded
+from xnat_inbox.route import Labels, RoutedStudy
+from xnat_inbox.scan import scan_drop
+from xnat_inbox.senders.dicom import DicomSender
+from xnat_inbox.service import Daemon
+from xnat_inbox.settle import RECHECK_SECONDS
+from xnat_inbox.synthetic import SeriesSpec, write_session
+from xnat_inbox.watch import DropRef
+
+HOUR = 3600.0
+
+
+def backdate(root: Path, seconds: float) -> None:
+    """Date every file and folder below root (and root) `seconds` back: arrived long ago."""
+    then = time.time() - seconds
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            os.utime(Path(dirpath, name), (then, then))
+        os.utime(dirpath, (then, then))
+
+
+def two_folder_inbox(tmp_path: Path) -> InboxConfig:
+    inbox = InboxConfig(path=tmp_path / "inbox")
+    for folder in ("to-a", "to-b"):
+        write_session(inbox.path / folder / "MR1", series=(SeriesSpec("T1", 2),))
+    return inbox
+
+
+def test_same_named_drops_finishing_at_once_each_get_their_own_target(tmp_path):
+    inbox = two_folder_inbox(tmp_path)
+    before = {f: checksums(inbox.path / f / "MR1") for f in ("to-a", "to-b")}
+    drops = [claim(DropRef(inbox, inbox.path / f, "MR1")) for f in ("to-a", "to-b")]
+    targets: dict[str, Path] = {}
+    start = threading.Barrier(len(drops))
+
+    def finish_one(drop):  # what two lanes do at the same moment
+        start.wait()
+        target = plan_target(drop, True, datetime(2026, 1, 2))
+        targets[drop.origin.name] = finish(drop, target, {"outcome": "done"}, ["line"])
+
+    threads = [threading.Thread(target=finish_one, args=(d,)) for d in drops]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(p.name for p in targets.values()) == ["MR1", "MR1-1"]
+    for folder, target in targets.items():
+        assert checksums(target) == before[folder]  # moved, not removed
+        assert target.with_name(target.name + ".report.json").is_file()
+
+
+@pytest.mark.faults
+def test_a_finish_recorded_before_a_restart_keeps_its_target(tmp_path):
+    inbox = two_folder_inbox(tmp_path)
+    first = claim(DropRef(inbox, inbox.path / "to-a", "MR1"))
+    before = checksums(first.path)
+    target = plan_target(first, True, datetime(2026, 1, 2))
+    (first.area / FINISH_FILE).write_text(f'{{"target": "{target}"}}')  # then a crash
+    finish_step._planned.clear()  # a new process remembers nothing
+    [resumed] = claimed_drops(inbox)
+    reserve_recorded(resumed)  # what the daemon does at start-up, before any lane runs
+    second = claim(DropRef(inbox, inbox.path / "to-b", "MR1"))
+    other = plan_target(second, True, datetime(2026, 1, 2))
+    assert other != target
+    finish(second, other, {"outcome": "done"}, [])
+    assert complete_finish(resumed) == target
+    assert checksums(target) == before
+
+
+def test_a_drop_found_at_start_up_counts_the_time_it_has_been_quiet(tmp_path):
+    inbox_path = tmp_path / "inbox"
+    config = load_config(write_config(tmp_path, {"scp": {"type": "dicom", "host": "127.0.0.1",
+                                                         "port": 1, "called_ae": "X"}},
+                                      [{"path": str(inbox_path)}], settle_seconds=HOUR))
+    inbox = config.inboxes[0]
+    write_session(inbox_path / "OLD", series=(SeriesSpec("T1", 1),))
+    write_session(inbox_path / "NEW", series=(SeriesSpec("T1", 1),))
+    backdate(inbox_path / "OLD", 2 * HOUR)
+    service = Daemon(config)
+    try:
+        old, new = DropRef(inbox, inbox_path, "OLD"), DropRef(inbox, inbox_path, "NEW")
+        assert service._quiet_for(old) == HOUR  # at most the settle period
+        assert service._quiet_for(new) < HOUR / 2  # being written, for all we know
+        for ref in (old, new):
+            service.touch(ref, quiet_for=service._quiet_for(ref))
+        now = time.monotonic()
+        assert service.tracker.due(now) == []  # the first snapshot
+        assert service.tracker.due(now + RECHECK_SECONDS) == [old]  # the second agrees
+        assert service.tracker.pending() == [new]
+    finally:
+        service.state.close()
+
+
+@pytest.mark.e2e
+def test_a_backlog_in_two_routing_folders_is_delivered_to_both_destinations(tmp_path, daemon):
+    """Same-named drops waiting at start-up in two routing folders (one destination each) with
+    the site's long settle period: all delivered, all originals kept under their own names."""
+    names = [f"S{n}" for n in range(3)]
+    with StoreSCP(tmp_path / "a", fork=True) as scp_a, StoreSCP(tmp_path / "b", fork=True) as scp_b:
+        inbox = tmp_path / "inbox"
+        config = write_config(tmp_path, {"scp-a": dicom_destination(scp_a),
+                                         "scp-b": dicom_destination(scp_b)},
+                              [{"path": str(inbox)}], settle_seconds=HOUR)
+        sums = {}
+        for folder, destination in (("to-a", "scp-a"), ("to-b", "scp-b")):
+            (inbox / folder).mkdir()
+            (inbox / folder / "route.yaml").write_text(
+                f"destination: {destination}\nproject: P\nsubject: '{{PatientID}}'\n"
+                "session: '{folder}'\n")
+            for name in names:
+                write_session(inbox / folder / name, series=(SeriesSpec("T1", 3),))
+                sums[folder, name] = checksums(inbox / folder / name)
+                backdate(inbox / folder / name, 2 * HOUR)
+        proc = daemon(config)
+        for name in names:
+            wait_for_report(inbox, name, daemon=proc)
+        deadline = time.monotonic() + 60
+        while len(reports(inbox)) < 2 * len(names) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        finished = reports(inbox)
+        assert len(finished) == 2 * len(names)
+        assert all(path.parent.parent.name == "done" for path in finished)
+        kept = [checksums(p.with_name(p.name.removesuffix(".report.json"))) for p in finished]
+        assert sorted(sorted(k.items()) for k in kept) == \
+            sorted(sorted(s.items()) for s in sums.values())  # every original, moved
+        assert len(scp_a.files()) == len(scp_b.files()) == 3 * len(names)
+
+
+@pytest.mark.e2e
+def test_associations_are_released_not_aborted_while_the_lane_moves_on(tmp_path, storescp):
+    """The release runs in the background; close() (at shutdown) waits for it."""
+    sessions = [write_session(tmp_path / f"S{n}", series=(SeriesSpec("T1", 2),))
+                for n in range(3)]
+    sender = DicomSender("scp", DicomDestination(type="dicom", host=storescp.host,
+                                                 port=storescp.port, called_ae=storescp.aet))
+    for n, _ in enumerate(sessions):
+        [study] = scan_drop(tmp_path / f"S{n}").studies.values()
+        routed = RoutedStudy(study, "scp", Labels("P", "S", "E"), "StudyDescription",
+                             "xnat://P/S/E", included=list(study.series.values()))
+        delivery = sender.send(routed, routed.instances)
+        assert delivery.stored == 2 and delivery.error is None
+    sender.close()
+    assert not any(thread.is_alive() for thread in threading.enumerate()
+                   if thread.name.startswith("release "))
+    log = storescp.log_text()
+    assert log.count("Association Release") == 3, log[-2000:]
+    assert "Abort" not in log
+    assert len(storescp.files()) == 6
