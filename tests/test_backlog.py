@@ -100,7 +100,7 @@ def test_a_drop_found_at_start_up_counts_the_time_it_has_been_quiet(tmp_path):
         assert service._quiet_for(old) == HOUR  # at most the settle period
         assert service._quiet_for(new) < HOUR / 2  # being written, for all we know
         for ref in (old, new):
-            service.touch(ref, quiet_for=service._quiet_for(ref))
+            service.touch(ref, service._quiet_for(ref))
         now = time.monotonic()
         assert service.tracker.due(now) == []  # the first snapshot
         assert service.tracker.due(now + RECHECK_SECONDS) == [old]  # the second agrees
