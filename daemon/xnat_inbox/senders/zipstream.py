@@ -182,23 +182,31 @@ def _pieces(data: bytes) -> Iterable[bytes]:
 
 def _checked(member: Member, crc: int) -> Iterator[bytes]:
     """A big file's second read, checked against the size and CRC its header promised."""
-    size, actual = 0, 0
+    actual = 0
+    for piece in _file_pieces(member):
+        actual = zlib.crc32(piece, actual)
+        yield piece
+    if actual != crc:
+        raise LocalFileError(f"{member.name} changed while being sent (its CRC differs "
+                             "from the first read's)")
+
+
+def _file_pieces(member: Member) -> Iterator[bytes]:
+    """The file in CHUNK pieces; LocalFileError when it can't be read or its size is no longer
+    the one the scan saw (nothing past that size is sent)."""
+    size = 0
     try:
         with open(member.path, "rb") as stream:
             while piece := stream.read(CHUNK):
                 size += len(piece)
                 if size > member.size:
                     break
-                actual = zlib.crc32(piece, actual)
                 yield piece
     except OSError as exc:
         raise LocalFileError(f"cannot read {member.name}: {exc.strerror}") from None
     if size != member.size:
         raise LocalFileError(f"{member.name} changed size while being sent "
                              f"({member.size} -> {size} bytes)")
-    if actual != crc:
-        raise LocalFileError(f"{member.name} changed while being sent (its CRC differs "
-                             "from the first read's)")
 
 
 def _dos(modified: datetime) -> tuple[int, int]:
@@ -220,18 +228,9 @@ def _read_whole(member: Member) -> bytes:
 
 
 def _read(member: Member, counter: Counter, after: Hook | None) -> Iterator[bytes]:
-    size = 0
-    try:
-        with open(member.path, "rb") as stream:
-            while piece := stream.read(CHUNK):
-                size += len(piece)
-                counter.bytes += len(piece)
-                yield piece
-    except OSError as exc:
-        raise LocalFileError(f"cannot read {member.name}: {exc.strerror}") from None
-    if size != member.size:
-        raise LocalFileError(f"{member.name} changed size while being sent "
-                             f"({member.size} -> {size} bytes)")
+    for piece in _file_pieces(member):
+        counter.bytes += len(piece)
+        yield piece
     counter.files += 1
     if after:
         after(member)
