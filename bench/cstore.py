@@ -50,8 +50,10 @@ def send_with_daemon_sender(folder: Path, port: int, aet: str, associations: int
     destination = DicomDestination(type="dicom", host="127.0.0.1", port=port, called_ae=aet,
                                    associations=associations)
     started = time.perf_counter()
-    delivery = DicomSender("bench", destination).send(routed, routed.instances)
+    sender = DicomSender("bench", destination)
+    delivery = sender.send(routed, routed.instances)
     finished = time.perf_counter()
+    sender.close()  # the association, kept for a next drop that won't come
     if delivery.error or delivery.stored != len(study.instances):
         print(f"sender failed: {delivery.error}; stored {delivery.stored}", file=sys.stderr)
         return 1

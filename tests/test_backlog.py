@@ -144,19 +144,26 @@ def test_a_backlog_in_two_routing_folders_is_delivered_to_both_destinations(tmp_
         assert len(scp_a.files()) == len(scp_b.files()) == 3 * len(names)
 
 
-@pytest.mark.e2e
-def test_associations_are_released_not_aborted_while_the_lane_moves_on(tmp_path, storescp):
-    """The release runs in the background; close() (at shutdown) waits for it."""
-    sessions = [write_session(tmp_path / f"S{n}", series=(SeriesSpec("T1", 2),))
-                for n in range(3)]
-    sender = DicomSender("scp", DicomDestination(type="dicom", host=storescp.host,
-                                                 port=storescp.port, called_ae=storescp.aet))
-    for n, _ in enumerate(sessions):
+def _send_drops(tmp_path: Path, destination: DicomDestination, count: int,
+                sender: DicomSender | None = None) -> DicomSender:
+    sender = sender or DicomSender("scp", destination)
+    for n in range(count):
+        write_session(tmp_path / f"S{n}", series=(SeriesSpec("T1", 2),))
         [study] = scan_drop(tmp_path / f"S{n}").studies.values()
         routed = RoutedStudy(study, "scp", Labels("P", "S", "E"), "StudyDescription",
                              "xnat://P/S/E", included=list(study.series.values()))
         delivery = sender.send(routed, routed.instances)
-        assert delivery.stored == 2 and delivery.error is None
+        assert delivery.stored == 2 and delivery.error is None, delivery.error
+    return sender
+
+
+@pytest.mark.e2e
+def test_associations_are_released_not_aborted_while_the_lane_moves_on(tmp_path, storescp):
+    """association_close_delay 0: an association per drop, each released in the background
+    while the lane moves on; close() (at shutdown) waits for the releases."""
+    destination = DicomDestination(type="dicom", host=storescp.host, port=storescp.port,
+                                   called_ae=storescp.aet, association_close_delay=0)
+    sender = _send_drops(tmp_path, destination, 3)
     sender.close()
     assert not any(thread.is_alive() for thread in threading.enumerate()
                    if thread.name.startswith("release "))
@@ -164,3 +171,36 @@ def test_associations_are_released_not_aborted_while_the_lane_moves_on(tmp_path,
     assert log.count("Association Release") == 3, log[-2000:]
     assert "Abort" not in log
     assert len(storescp.files()) == 6
+
+
+@pytest.mark.e2e
+def test_drops_in_a_row_share_one_association_until_the_close_delay(tmp_path, storescp):
+    """The default close delay keeps the association for the next drop (as Orthanc does):
+    three drops, one association; it is released once the delay has passed."""
+    destination = DicomDestination(type="dicom", host=storescp.host, port=storescp.port,
+                                   called_ae=storescp.aet, association_close_delay=1.0)
+    sender = _send_drops(tmp_path, destination, 3)
+    deadline = time.monotonic() + 10
+    while "Association Release" not in storescp.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = storescp.log_text()
+    assert log.count("Association Acknowledged") == 1 and log.count("Association Release") == 1, \
+        log[-2000:]
+    assert len(storescp.files()) == 6
+    sender.close()
+
+
+@pytest.mark.e2e
+def test_an_idle_association_the_receiver_dropped_is_replaced(tmp_path, inprocess_scp):
+    """The receiver restarts (aborting what was open) between two drops: the next drop notices
+    the idle association is gone, opens a new one and is delivered whole at the first attempt."""
+    scp = inprocess_scp()
+    destination = DicomDestination.model_validate(
+        dicom_destination(scp, association_close_delay=30))
+    sender = _send_drops(tmp_path / "first", destination, 1)
+    scp.stop()
+    scp.start()
+    _send_drops(tmp_path / "second", destination, 1, sender)
+    sender.close()
+    assert scp.accepted_associations == 2
+    assert len({ds.SOPInstanceUID for ds in scp.received}) == 4

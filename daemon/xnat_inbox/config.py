@@ -58,6 +58,9 @@ class DicomDestination(Strict):
     max_pdu: int = Field(131072, ge=0, description="our maximum receive PDU; 0 = unlimited")
     associations: int = Field(1, ge=1, le=8, description="parallel associations per study; "
                               "more than 1 needs a receiver that accepts them at once")
+    association_close_delay: float = Field(
+        5.0, ge=0, le=600, description="seconds an association stays open after a drop for "
+        "the next one (as Orthanc's DicomAssociationCloseDelay); 0: released at once")
     retry: RetryPolicy = RetryPolicy()
 
 

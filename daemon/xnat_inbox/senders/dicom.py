@@ -30,6 +30,7 @@ from ..logs import get_logger
 from ..route import RoutedStudy
 from ..scan import Instance
 from .base import Delivery, InstanceOutcome, OnInstance, OnProgress, SendError, ShouldStop
+from .dicom_pool import IdleAssociations
 from .dicom_splice import routing_splice
 from .dicom_wire import StoreStatus, Wire, WireError, tune
 
@@ -74,6 +75,7 @@ class DicomSender:
         self.name = name
         self.destination = destination
         self._releasing: list[threading.Thread] = []
+        self._idle = IdleAssociations(destination.association_close_delay, self._close)
 
     @property
     def where(self) -> str:
@@ -142,22 +144,31 @@ class DicomSender:
         started = time.monotonic()
         for keys, batch in association_batches(instances):
             contexts = [build_context(k.sop_class, k.proposed_syntaxes()) for k in keys]
+            key = frozenset(keys)
+            wanted = max(1, min(self.destination.associations, len(batch)))
+            lanes: list[_Lane] = self._idle.take(key, wanted)  # type: ignore[assignment]
             try:
-                lanes = self._open_lanes(contexts, len(batch))
+                lanes += self._open_lanes(contexts, wanted - len(lanes), bool(lanes))
             except SendError as exc:
+                self._close(lanes)
                 delivery.error, delivery.transient = str(exc), exc.transient
                 break
             delivery.associations += len(lanes)
+            done = False
             try:
                 self._store_all(lanes, study, batch, delivery, on_instance, should_stop)
+                done = not (delivery.error or delivery.interrupted)
             finally:
-                self._close(lanes)
-            if delivery.error or delivery.interrupted:
+                if done and all(lane.alive for lane in lanes):
+                    self._idle.park(key, lanes)  # type: ignore[arg-type]
+                else:
+                    self._close(lanes)
+            if not done:
                 break
         delivery.seconds = time.monotonic() - started
         return delivery
 
-    def _close(self, lanes: list[_Lane]) -> None:
+    def _close(self, lanes: list[Any]) -> None:
         """Release in the background: every C-STORE was answered, and pynetdicom's A-RELEASE
         handshake (≈30 ms, mostly its reactors' sleeps) would hold up the lane's next drop."""
         self._releasing = [thread for thread in self._releasing if thread.is_alive()]
@@ -171,16 +182,18 @@ class DicomSender:
             self._releasing.append(thread)
 
     def close(self) -> None:
-        """Wait for the releases still under way (at shutdown)."""
+        """Release the idle associations and wait for the releases under way (at shutdown)."""
+        self._idle.close()
         for thread in self._releasing:
             thread.join(timeout=self.destination.acse_timeout + 5)
         self._releasing = []
 
-    def _open_lanes(self, contexts: list[Any], instances: int) -> list[_Lane]:
-        """One association per lane (`associations` in the destination's config); when the
-        receiver takes fewer at once, send over those it took."""
-        wanted = max(1, min(self.destination.associations, instances))
-        lanes = [_Lane(self, self._associate(contexts))]
+    def _open_lanes(self, contexts: list[Any], wanted: int, have_some: bool) -> list[_Lane]:
+        """`wanted` more associations, one per lane (`associations` in the destination's
+        config); when the receiver takes fewer at once, send over those it took."""
+        lanes: list[_Lane] = []
+        if wanted > 0 and not have_some:
+            lanes.append(_Lane(self, self._associate(contexts)))
         while len(lanes) < wanted:
             try:
                 lanes.append(_Lane(self, self._associate(contexts)))
@@ -265,6 +278,9 @@ class _Lane:
     @property
     def alive(self) -> bool:
         return self.wire.failure is None and self.assoc.is_established
+
+    def sock_fileno(self) -> int:
+        return self.wire.sock.fileno()
 
     def lost(self, reason: str) -> None:
         self.wire.failure = self.wire.failure or reason
