@@ -11,6 +11,7 @@ from pydicom import dcmread
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -34,9 +35,10 @@ DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 #: values longer than this (pixel data) are skipped over, never read into memory
 DEFER_BYTES = 256
 PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate")
-PHI_TAG_NUMBERS = (0x00100010, 0x00100020, 0x00100030)
-#: SOPClassUID, SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID
-REQUIRED_UIDS = (0x00080016, 0x00080018, 0x0020000D, 0x0020000E)
+PHI_TAG_NUMBERS = tuple(Tag(keyword) for keyword in PHI_TAGS)
+#: what XNAT needs to place an instance
+REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+REQUIRED_UIDS = tuple(Tag(keyword) for keyword in REQUIRED)
 #: what the scan reads of a file: the UIDs, PHI, series and instance numbers, Modality,
 #: SeriesDescription, and SpecificCharacterSet to decode the texts
 PLAIN_TAGS = frozenset({*REQUIRED_UIDS, *PHI_TAG_NUMBERS, 0x00080005, 0x00080060, 0x0008103E,
@@ -137,8 +139,7 @@ def _classify_dataset(ds: Dataset, path: Path, rel: str, size: int, preamble: bo
     media_class = str(meta.get("MediaStorageSOPClassUID", "")) if meta else ""
     if media_class == DICOMDIR_CLASS:
         return FileEntry(rel, size, Kind.JUNK, "DICOMDIR index (not an image)")
-    missing = [tag for tag in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-                               "SeriesInstanceUID") if not _text(ds, tag)]
+    missing = [keyword for keyword in REQUIRED if not _text(ds, keyword)]
     if len(missing) == 4:
         if not preamble:
             return FileEntry(rel, size, Kind.NOT_DICOM, "not a DICOM file")

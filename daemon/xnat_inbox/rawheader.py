@@ -13,18 +13,16 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, TypeVar
 
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
+
 T = TypeVar("T")
 
 #: how much of a file's start is read first (most MR headers are 2-10 KB), and at most
 FIRST_WINDOW = 16384
 HEADER_WINDOW = 65536
-#: explicit VRs with a 4-byte length (PS3.5 7.1.2), as pydicom's EXPLICIT_VR_LENGTH_32
-LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                      b"UR", b"UT", b"UV"})
-#: every VR of PS3.5 6.2: anything else where a VR should be is for pydicom to judge
-KNOWN_VRS = LONG_VRS | frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL",
-                                  b"IS", b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM",
-                                  b"UI", b"UL", b"US"})
+#: explicit VRs with a 4-byte length (PS3.5 7.1.2), and every VR: as pydicom knows them
+LONG_VRS = frozenset(vr.value.encode() for vr in EXPLICIT_VR_LENGTH_32)
+KNOWN_VRS = frozenset(vr.value.encode() for vr in VR if len(vr.value) == 2)
 ITEM_END, SEQUENCE_END = 0xFFFEE00D, 0xFFFEE0DD
 PIXEL_DATA = 0x7FE00010
 UNDEFINED = 0xFFFFFFFF

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 from typing import BinaryIO
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from ..rawheader import LONG_VRS, Unusual, element_at, file_meta, has_preamble, read_window
+from ..rawheader import Unusual, element_at, file_meta, has_preamble, read_window
 from ..route import RoutedStudy
 from ..scan import Instance
 
@@ -30,29 +34,28 @@ def routing_splice(fp: BinaryIO, instance: Instance,
     implicit = syntax == ImplicitVRLittleEndian
     little = syntax != ExplicitVRBigEndian
     try:
+        tag = _routing_tag(study) if study.routing_value else None
+        element = _routing_element(tag, study.routing_value, implicit, little) if tag else b""
         buf, (start, at, resume) = read_window(
-            fp, lambda buf: _splice_points(buf, study, implicit, little))
-        if at < 0:
-            return buf[start:], len(buf)  # no routing string: the file's dataset as it is
-        element = _encode_element(_routing_tag(study), dictionary_VR(_routing_tag(study)),
-                                  study.routing_value.encode("ascii"), implicit, little)
+            fp, lambda buf: _splice_points(buf, tag, implicit, little))
     except (Unusual, struct.error, UnicodeEncodeError, KeyError):
         return None
+    if tag is None:
+        return buf[start:], len(buf)  # no routing string: the file's dataset as it is
     if resume > len(buf):  # the old routing element runs past the bytes read
         return buf[start:at] + element, resume
     return b"".join((buf[start:at], element, buf[resume:])), len(buf)
 
 
-def _splice_points(buf: bytes, study: RoutedStudy, implicit: bool,
+def _splice_points(buf: bytes, tag: int | None, implicit: bool,
                    little: bool) -> tuple[int, int, int]:
-    """Where the dataset starts, where the routing element goes, and where the file's dataset
-    resumes after it (past an old routing element); (start, -1, -1) without a routing string."""
+    """Where the dataset starts, where the routing element (`tag`) goes, and where the file's
+    dataset resumes after it (past an old routing element); (start, -1, -1) without a tag."""
     if not has_preamble(buf):
         raise Unusual("no preamble")
     _, start = file_meta(buf)
-    if not study.routing_value:
+    if tag is None:
         return start, -1, -1
-    tag = _routing_tag(study)
     at = start
     while True:
         found, _, _, end = element_at(buf, at, implicit, little)
@@ -68,14 +71,11 @@ def _routing_tag(study: RoutedStudy) -> int:
     return tag
 
 
-def _encode_element(tag: int, vr: str, value: bytes, implicit: bool, little: bool) -> bytes:
-    if len(value) % 2:
-        value += b" "
-    e = "<" if little else ">"
-    group, elem = tag >> 16, tag & 0xFFFF
-    if implicit:
-        return struct.pack(e + "HHI", group, elem, len(value)) + value
-    raw_vr = vr.encode("ascii")
-    if raw_vr in LONG_VRS:
-        return struct.pack(e + "HH2sHI", group, elem, raw_vr, 0, len(value)) + value
-    return struct.pack(e + "HH2sH", group, elem, raw_vr, len(value)) + value
+@lru_cache(maxsize=64)
+def _routing_element(tag: int, value: str, implicit: bool, little: bool) -> bytes:
+    """The routing element as pydicom encodes it: once per study and transfer syntax."""
+    value.encode("ascii")  # UnicodeEncodeError: the file's character set decides, so pydicom
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = little, implicit
+    write_data_element(fp, DataElement(tag, dictionary_VR(tag), value))
+    return fp.getvalue()

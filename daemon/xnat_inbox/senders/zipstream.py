@@ -97,12 +97,13 @@ def _entry(member: Member, big: bool, counter: Counter, after: Hook | None,
     method = ZIP_64 if big else ZIP_32
     if member.transform is not None:
         data, modified = _transformed(member)
-        return member.name, modified, MODE, method, _chunks(data, member, counter, after)
+        return member.name, modified, MODE, method, _counted(_pieces(data), member, counter, after)
     try:
         modified = datetime.fromtimestamp(member.path.stat().st_mtime)
     except OSError as exc:
         raise LocalFileError(f"cannot read {member.name}: {exc.strerror}") from None
-    return member.name, modified, MODE, method, _read(member, counter, after)
+    pieces = _counted(_file_pieces(member), member, counter, after)
+    return member.name, modified, MODE, method, pieces
 
 
 LOCAL = struct.Struct("<4sHHHHHIIIHH")
@@ -227,8 +228,10 @@ def _read_whole(member: Member) -> bytes:
     return data
 
 
-def _read(member: Member, counter: Counter, after: Hook | None) -> Iterator[bytes]:
-    for piece in _file_pieces(member):
+def _counted(pieces: Iterable[bytes], member: Member, counter: Counter,
+             after: Hook | None) -> Iterator[bytes]:
+    """A DEFLATE entry's bytes for stream-zip, counted as they go out."""
+    for piece in pieces:
         counter.bytes += len(piece)
         yield piece
     counter.files += 1
@@ -251,15 +254,6 @@ def _transformed(member: Member) -> tuple[bytes, datetime]:
     except Exception as exc:  # pydicom's errors on a file it can't rewrite
         raise LocalFileError(f"cannot de-identify {member.name}: {type(exc).__name__}") from None
     return buffer.getvalue(), modified
-
-
-def _chunks(data: bytes, member: Member, counter: Counter, after: Hook | None) -> Iterator[bytes]:
-    for piece in _pieces(data):
-        counter.bytes += len(piece)
-        yield piece
-    counter.files += 1
-    if after:
-        after(member)
 
 
 def crc32_of(path: Path) -> int:
