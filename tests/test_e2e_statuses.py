@@ -124,7 +124,9 @@ def test_parallel_associations_deliver_every_instance_once(tmp_path, inprocess_s
         reported.append((instance.sop_instance_uid, outcome.stored, threading.current_thread()))
         reporting.release()
 
-    delivery = DicomSender("scp", destination).send(routed, routed.instances, on_instance)
+    sender = DicomSender("scp", destination)
+    delivery = sender.send(routed, routed.instances, on_instance)
+    sender.close()  # the associations kept for a next drop
     assert delivery.error is None and delivery.associations == 3
     assert sorted(uid for uid, _, _ in reported) == sorted(session.sop_instance_uids)
     assert all(stored for _, stored, _ in reported)
@@ -145,9 +147,10 @@ def test_parallel_associations_stop_between_instances(tmp_path, inprocess_scp):
                          "xnat://P/S/E", included=list(study.series.values()))
     destination = DicomDestination.model_validate(dicom_destination(scp, associations=2))
     seen: list[str] = []
-    delivery = DicomSender("scp", destination).send(
-        routed, routed.instances, lambda i, o: seen.append(i.sop_instance_uid),
-        should_stop=lambda: len(seen) >= 5)
+    sender = DicomSender("scp", destination)
+    delivery = sender.send(routed, routed.instances, lambda i, o: seen.append(i.sop_instance_uid),
+                           should_stop=lambda: len(seen) >= 5)
+    sender.close()
     assert delivery.interrupted
     # every instance sent was reported; at most 2 (the lanes) went out after the stop was asked
     assert set(seen) == {i.sop_instance_uid for i in routed.instances[:len(seen)]}
