@@ -2,7 +2,8 @@
 
 The real daemon runs as a process (`python -m xnat_inbox run`, settle_seconds as a site sets it:
 the default 30 s) with two `dicom` destinations, two dcmtk `storescp --fork` on 127.0.0.1
-(TCP_NODELAY=1) writing to disk. A route names one destination, so the inbox has two routing
+(TCP_NODELAY=1) writing to disk, new ones with empty folders for every run. A route names one
+destination, so the inbox has two routing
 folders (to-a/ and to-b/, a route.yaml each) and every drop waits in both: every instance goes
 to both receivers, and the two destinations' lanes flow in parallel.
 
@@ -16,11 +17,13 @@ the settle check before the first claim are the same in both runs and are shown 
 ("first claim after"). ratio = throughput B ÷ throughput A, pair by pair (A and B alternate, the
 order reversed every other pair, so drift cancels); target ≥ 0.9. In run B the daemon's RSS
 (/proc/<pid>/status VmRSS) is read after each finished drop: first, last and max are printed.
+Also printed: the daemon's CPU seconds (user + system, /proc/<pid>/stat) and how busy the
+machine's cores were (/proc/stat), so per-drop CPU and contention show beside the times.
 Instances are small synthetic MR (64x64, 16-bit, ≈9 KB) so that per-drop costs show and a run
 stays short. Every instance is counted at both receivers and every drop must be in done/.
 Ends with one JSON line.
 
-    python bench/backlog.py [--instances 20000] [--drops 100] [--pairs 2] [--profile DIR]
+    python bench/backlog.py [--instances 20000] [--drops 100] [--pairs 3] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class Run:
     scan_s: float = 0.0  # summed over the drops (their reports' timings)
     send_s: float = 0.0
     rss_mb: list[float] = field(default_factory=list)  # after each finished drop
+    cpu_s: float = 0.0  # the daemon's CPU seconds (user + system), launch to last finish
+    busy: float = 0.0  # the machine's busy fraction of all cores over the same time
 
     @property
     def throughput(self) -> float:
@@ -108,6 +113,18 @@ def place_drops(source: Path, inbox: Path) -> int:
     return count
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -126,6 +143,7 @@ def run_once(kind: str, source: Path, work: Path, ports: dict[str, int], aet: st
     expected = place_drops(source, inbox)
     daemon = DaemonProcess(config, work / "daemon.log")
     launched = time.time()
+    ticks_before = machine_ticks()
     daemon.launch()
     spy = None
     samples: list[float] = []
@@ -145,6 +163,8 @@ def run_once(kind: str, source: Path, work: Path, ports: dict[str, int], aet: st
                 raise SystemExit(f"run {kind}: {seen} of {expected} drops after the deadline\n"
                                  f"{daemon.text()[-3000:]}")
             time.sleep(0.02)
+        cpu = cpu_seconds(daemon.pid)
+        ticks_after = machine_ticks()
     finally:
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
@@ -160,7 +180,8 @@ def run_once(kind: str, source: Path, work: Path, ports: dict[str, int], aet: st
     return Run(kind, expected, 2 * instances, last - first, first - launched,
                scan_s=sum(r["timings"]["scan_seconds"] for r in reports),
                send_s=sum(s["send_seconds"] for r in reports for s in r["studies"]),
-               rss_mb=samples)
+               rss_mb=samples, cpu_s=cpu,
+               busy=(ticks_after[0] - ticks_before[0]) / (ticks_after[1] - ticks_before[1]))
 
 
 def _profiler(pid: int, profile: Path, kind: str) -> subprocess.Popen[bytes]:
@@ -186,14 +207,12 @@ def _check(inbox: Path, drops: int, receivers: dict[str, Path],
     if originals != 2 * instances:  # moved, never deleted: both routing folders' copies
         raise SystemExit(f"done/ holds {originals} of {2 * instances} original files")
     for name, folder in receivers.items():
-        stored = [p for p in folder.rglob("*") if p.is_file()]
-        if len(stored) != instances:
+        stored = sum(1 for p in folder.rglob("*") if p.is_file())
+        if stored != instances:
             time.sleep(0.5)  # storescp --fork children may still be writing the last file
-            stored = [p for p in folder.rglob("*") if p.is_file()]
-        if len(stored) != instances:
-            raise SystemExit(f"receiver {name} holds {len(stored)} of {instances} instances")
-        for path in stored:
-            path.unlink()
+            stored = sum(1 for p in folder.rglob("*") if p.is_file())
+        if stored != instances:
+            raise SystemExit(f"receiver {name} holds {stored} of {instances} instances")
     return reports
 
 
@@ -212,7 +231,7 @@ def summarise(runs: list[tuple[Run, Run]], args: argparse.Namespace) -> dict[str
           "both receivers / seconds from the first claim to the last finish")
     print(f"{'pair':>4} {'A s':>7} {'A inst/s':>9} {'B s':>7} {'B inst/s':>9} {'ratio':>6} "
           f"{'claim A':>8} {'claim B':>8} {'scan+send A':>12} {'scan+send B':>12} "
-          f"{'RSS B first/last/max MB':>24}")
+          f"{'CPU A/B s':>11} {'busy A/B':>9} {'RSS B first/last/max MB':>24}")
     ratios = []
     for pair, (a, b) in enumerate(runs, 1):
         ratio = b.throughput / a.throughput
@@ -221,7 +240,8 @@ def summarise(runs: list[tuple[Run, Run]], args: argparse.Namespace) -> dict[str
         print(f"{pair:>4} {a.seconds:>7.2f} {a.throughput:>9.0f} {b.seconds:>7.2f} "
               f"{b.throughput:>9.0f} {ratio:>6.3f} {a.first_claim_s:>8.2f} "
               f"{b.first_claim_s:>8.2f} {f'{a.scan_s:.1f}+{a.send_s:.1f}':>12} "
-              f"{f'{b.scan_s:.1f}+{b.send_s:.1f}':>12} {rss:>24}")
+              f"{f'{b.scan_s:.1f}+{b.send_s:.1f}':>12} "
+              f"{f'{a.cpu_s:.1f}/{b.cpu_s:.1f}':>11} {f'{a.busy:.0%}/{b.busy:.0%}':>9} {rss:>24}")
     last_b = runs[-1][1]
     return {
         "bench": "backlog", "ratio": round(statistics.median(ratios), 3),
@@ -243,7 +263,7 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=20000,
                         help="instances per run (e.g. 2000 for a quick run)")
     parser.add_argument("--drops", type=int, default=100, help="drops of run B")
-    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--rows", type=int, default=64, help="image rows and columns")
     parser.add_argument("--only", choices=("A", "B"), help="one kind of run (profiling)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
@@ -260,22 +280,26 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-backlog-") as tmp:
         root = Path(tmp)
         sources = make_sources(root / "sources", args.instances, args.drops, args.rows)
-        with StoreSCP(root / "a", fork=True) as scp_a, StoreSCP(root / "b", fork=True) as scp_b:
-            ports = {"scp-a": scp_a.port, "scp-b": scp_b.port}
-            receivers = {"scp-a": scp_a.output_dir, "scp-b": scp_b.output_dir}
-            runs: list[tuple[Run, Run]] = []
-            for pair in range(1, args.pairs + 1):
-                order = ["A", "B"] if pair % 2 else ["B", "A"]
-                done = {}
-                for kind in order:
-                    if args.only and kind != args.only:
-                        continue
+        runs: list[tuple[Run, Run]] = []
+        for pair in range(1, args.pairs + 1):
+            order = ["A", "B"] if pair % 2 else ["B", "A"]
+            done = {}
+            for kind in order:
+                if args.only and kind != args.only:
+                    continue
+                # every run starts alike: new receivers writing into new, empty folders. What
+                # they received is deleted only at the end, so no run shares the disk with the
+                # deletion of the one before (40,000 files; a disk mounted with `discard` here)
+                receiving = root / f"receivers-{pair}-{kind}"
+                with StoreSCP(receiving / "a", fork=True) as scp_a, \
+                        StoreSCP(receiving / "b", fork=True) as scp_b:
+                    ports = {"scp-a": scp_a.port, "scp-b": scp_b.port}
+                    receivers = {"scp-a": scp_a.output_dir, "scp-b": scp_b.output_dir}
                     done[kind] = run_once(kind, sources[kind], root / "run", ports, scp_a.aet,
-                                          receivers, args.instances, args.profile,
-                                          args.logs)
-                    print(f"pair {pair} run {kind}: {done[kind].seconds:.2f} s", flush=True)
-                if len(done) == 2:
-                    runs.append((done["A"], done["B"]))
+                                          receivers, args.instances, args.profile, args.logs)
+                print(f"pair {pair} run {kind}: {done[kind].seconds:.2f} s", flush=True)
+            if len(done) == 2:
+                runs.append((done["A"], done["B"]))
     if runs:
         print(json.dumps(summarise(runs, args)))
     return 0

@@ -16,7 +16,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEnd
 from xnat_inbox.claim import claim, claimed_drops
 from xnat_inbox.config import InboxConfig
 from xnat_inbox.rawheader import FIRST_WINDOW, HEADER_WINDOW
-from xnat_inbox.route import Labels, RoutedStudy
+from xnat_inbox.route import Labels, Route, RoutedStudy, RouteError, resolve_route
 from xnat_inbox.scan import Kind, scan_drop
 from xnat_inbox.senders.dicom import association_batches, context_key, outgoing_header
 from xnat_inbox.senders.dicom_splice import routing_splice
@@ -95,6 +95,47 @@ def test_claim_moves_the_drop_and_a_restart_finds_it(inbox):
     assert drop.path.parent.parent == inbox.work and len(list(drop.path.rglob("*.dcm"))) == 2
     [again] = claimed_drops(inbox)
     assert (again.id, again.name, again.origin) == (drop.id, "MR1", inbox.path)
+
+
+def test_a_claim_cut_short_before_its_record_is_cleaned_up_at_start(inbox):
+    """A kill between the work folder's mkdir and the claim record's rename leaves our own
+    folder, empty or with the record's temporary file: the drop never moved."""
+    write_session(inbox.path / "MR1", series=(SeriesSpec("T1", 1),))
+    drop = claim(DropRef(inbox, inbox.path, "MR1"))
+    empty, half = inbox.work / "20260101T000000-aaaaaa", inbox.work / "20260101T000000-bbbbbb"
+    foreign = inbox.work / "someone-elses"
+    for folder in (empty, half, foreign):
+        folder.mkdir()
+    (half / "claim.json.tmp").write_text('{"id": ')
+    (foreign / "notes.txt").write_text("keep me")
+    assert [d.id for d in claimed_drops(inbox)] == [drop.id]
+    assert sorted(p.name for p in inbox.work.iterdir()) == sorted([drop.id, foreign.name])
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_route_is_parsed_again_whenever_its_file_changed(inbox):
+    """Route files are kept parsed between drops: an edit, even one of the same length within
+    the same clock tick, a broken edit and a removal all count for the next drop."""
+    route_file = inbox.path / "route.yaml"
+    destinations = {"pacs", "xnat"}
+
+    def next_drop_route() -> Route:
+        name = f"MR{len(list(inbox.work.glob('*'))) if inbox.work.exists() else 0}"
+        (inbox.path / name).mkdir()
+        return resolve_route(claim(DropRef(inbox, inbox.path, name)), destinations)
+
+    route_file.write_text("destination: pacs\nproject: AAA\nsubject: S\nsession: E\n")
+    assert next_drop_route().template.project.text == "AAA"
+    assert next_drop_route().template.project.text == "AAA"
+    route_file.write_text("destination: xnat\nproject: BBB\nsubject: S\nsession: E\n")
+    again = next_drop_route()
+    assert (again.destination, again.template.project.text) == ("xnat", "BBB")
+    route_file.write_text("destination: xnat\nproject: [unclosed\n")
+    with pytest.raises(RouteError, match=r"route\.yaml"):
+        next_drop_route()
+    route_file.unlink()
+    with pytest.raises(RouteError, match=r"no route\.yaml applies"):
+        next_drop_route()
 
 
 def test_claim_of_loose_files_leaves_route_yaml_and_hidden_files(inbox):

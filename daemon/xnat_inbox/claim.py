@@ -111,12 +111,24 @@ def claimed_drops(inbox: InboxConfig) -> list[ClaimedDrop]:
             drop = ClaimedDrop(data["id"], inbox, Path(data["origin"]), data["name"],
                                bool(data["loose"]), datetime.fromisoformat(data["claimed_at"]))
         except (OSError, ValueError, KeyError):
-            continue  # not ours, or unreadable: leave it for a person
+            _remove_unrecorded_claim(area)
+            continue  # else not ours, or unreadable: left for a person
         if drop.path.exists() or any(p.name != CLAIM_FILE for p in area.iterdir()):
             found.append(drop)  # to resume, or a finish to complete
         else:
             shutil.rmtree(area, ignore_errors=True)
     return found
+
+
+def _remove_unrecorded_claim(area: Path) -> None:
+    """A claim cut short before its record was complete (a kill between the folder's mkdir and
+    the record's rename): the drop never moved, so only our own empty folder is left."""
+    if not area.is_dir() or area.is_symlink():
+        return
+    if all(entry.name == CLAIM_FILE + ".tmp" for entry in area.iterdir()):
+        (area / (CLAIM_FILE + ".tmp")).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            area.rmdir()
 
 
 def release_area(drop: ClaimedDrop, *bookkeeping: str) -> None:

@@ -281,9 +281,11 @@ def load_config(path: Path) -> SiteConfig:
     return config.model_copy(update={"source": path})
 
 
-def load_route(path: Path, destinations: set[str] | None) -> RouteTemplate:
-    """Read one route.yaml; `destinations` are the names its `destination` may take."""
-    data, lines = load_yaml(path)
+def load_route(path: Path, destinations: set[str] | None,
+               content: bytes | None = None) -> RouteTemplate:
+    """Read one route.yaml (or parse its `content`, already read); `destinations` are the
+    names its `destination` may take."""
+    data, lines = load_yaml(path, content)
     return validate(RouteTemplate, data, path, lines, {"destinations": destinations})
 
 

@@ -3,6 +3,7 @@ labels and series filter; labels are checked against XNAT's rule before anything
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,12 +73,13 @@ def resolve_route(drop: ClaimedDrop, destinations: set[str]) -> Route:
     sources = ["inline route in the site config"] if drop.inbox.route else []
     for folder in _folders_down_to(drop.inbox.path, drop.origin):
         path = folder / ROUTE_FILE
-        if not path.is_file():
-            continue
         try:
-            merged = load_route(path, destinations).merged_over(merged)
+            template = _read_route(path, destinations)
         except ConfigError as exc:
             raise RouteError(f"{exc}\nFix the route file, then run `xnat-inbox retry`.") from None
+        if template is None:
+            continue
+        merged = template.merged_over(merged)
         sources.append(str(path))
     if not sources:
         raise RouteError("no route.yaml applies to this drop: put one in the inbox or the folder "
@@ -88,6 +90,31 @@ def resolve_route(drop: ClaimedDrop, destinations: set[str]) -> Route:
                          f"{', '.join(missing)}; add the key(s) to a route.yaml")
     unset = {key: value for key, value in ROUTE_DEFAULTS.items() if getattr(merged, key) is None}
     return Route(merged.model_copy(update=unset), tuple(sources))
+
+
+#: route.yaml files parsed before, by path, with the bytes and destinations they were parsed
+#: with: a backlog of drops in one folder parses its route once (≈0.7 ms), not once a drop
+_parsed_routes: dict[Path, tuple[bytes, frozenset[str], RouteTemplate]] = {}
+
+
+def _read_route(path: Path, destinations: set[str]) -> RouteTemplate | None:
+    """The route file at `path`, None when there is none. Read every time, parsed again
+    whenever its bytes changed (a date could miss two edits within one clock tick)."""
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return None
+        content = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return load_route(path, destinations)  # its error names the file and the reason
+    names = frozenset(destinations)
+    known = _parsed_routes.get(path)
+    if known is not None and known[0] == content and known[1] == names:
+        return known[2]
+    template = load_route(path, destinations, content)
+    _parsed_routes[path] = (content, names, template)
+    return template
 
 
 def _folders_down_to(top: Path, bottom: Path) -> list[Path]:

@@ -17,10 +17,11 @@ class ConfigError(Exception):
     """A config or route file is unusable; the message says where and what is expected."""
 
 
-def load_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
-    """Parse `path`; return the data and the line number of every key in it."""
+def load_yaml(path: Path, content: bytes | None = None) -> tuple[Any, dict[KeyPath, int]]:
+    """Parse `path` (its `content` when already read); return the data and the line number of
+    every key in it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = (path.read_bytes() if content is None else content).decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the file ({exc.strerror}).") from None
     except UnicodeDecodeError:
