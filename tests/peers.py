@@ -482,6 +482,7 @@ class InProcessSCP:
         self._statuses: list[int] = []
         self._accepted = 0
         self._rejected = 0
+        self._released = 0
         self._ae = self._make_ae(require_called_aet is not None)
         self._server: Any = None
 
@@ -501,6 +502,7 @@ class InProcessSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_released),
         ]
         # Port 0 the first time: the kernel picks a free port at bind time, so there is
         # no race; a restart binds the same port again (pynetdicom sets SO_REUSEADDR).
@@ -549,6 +551,11 @@ class InProcessSCP:
     def rejected_associations(self) -> int:
         return self._rejected
 
+    @property
+    def released_associations(self) -> int:
+        """Associations the requestor released (A-RELEASE), not aborted."""
+        return self._released
+
     # --- handlers (run in pynetdicom's association threads) ------------------------------
 
     @staticmethod
@@ -566,6 +573,10 @@ class InProcessSCP:
     def _on_rejected(self, event: evt.Event) -> None:
         with self._lock:
             self._rejected += 1
+
+    def _on_released(self, event: evt.Event) -> None:
+        with self._lock:
+            self._released += 1
 
     def _on_store(self, event: evt.Event) -> int:
         ds = event.dataset

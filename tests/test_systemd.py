@@ -11,8 +11,10 @@ import itertools
 import os
 import re
 import socket
+import time
 
 import pytest
+import yaml
 
 from tests.daemon_runner import DaemonProcess, wait_for_report
 from tests.systemd_support import NotifySocket, drop, events, has, site, status_with, statuses
@@ -163,6 +165,31 @@ def test_reload_lets_drops_in_flight_finish_and_applies_to_new_ones(
         outcome, report, _ = wait_for_report(path, name, daemon=process)
         assert outcome == "done", report["reasons"]
         assert report["studies"][0]["labels"]["project"] == "Proj2"
+
+
+def test_reload_releases_the_old_configs_idle_association(tmp_path, notify, service,
+                                                          inprocess_scp):
+    """The association a drop left open for the next one belongs to the config a reload
+    replaced: it is released at the reload, not kept until association_close_delay."""
+    scp = inprocess_scp()
+    config, (inbox,) = site(tmp_path, scp)
+    settings = yaml.safe_load(config.read_text())
+    settings["destinations"]["scp"]["association_close_delay"] = 600
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    process = service(config)
+    drop(tmp_path, inbox, "BEFORE")
+    assert wait_for_report(inbox, "BEFORE", daemon=process)[0] == "done"
+    assert (scp.accepted_associations, scp.released_associations) == (1, 0)  # kept open
+
+    reload(process, notify)
+
+    deadline = time.monotonic() + 10
+    while scp.released_associations == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scp.released_associations == 1
+    drop(tmp_path, inbox, "AFTER")
+    assert wait_for_report(inbox, "AFTER", daemon=process)[0] == "done"
+    assert scp.accepted_associations == 2  # the new config's own
 
 
 # --- notify protocol details (in process) ---------------------------------------------------

@@ -1,6 +1,7 @@
 """SIGHUP: re-read the site config. A valid one takes over for every drop claimed from then
-on; drops in flight finish with the config they started with. An invalid one is refused with
-the reason in the log, and the running config stays in force.
+on; drops in flight finish with the config they started with, and the old config's senders
+are closed once they have. An invalid one is refused with the reason in the log, and the
+running config stays in force.
 
 route.yaml files need no reload: they are read for every drop.
 """
@@ -74,8 +75,8 @@ def apply(daemon: Daemon, new: SiteConfig) -> None:
     daemon.watchers = unchanged
     old_paths = {inbox.path for inbox in old.inboxes}
     daemon.config = new
-    daemon.pipeline = Pipeline(new, daemon.state, daemon.pipeline.progress, daemon.stop,
-                               daemon.pipeline.phi_by_drop)
+    daemon.replace_pipeline(Pipeline(new, daemon.state, daemon.pipeline.progress, daemon.stop,
+                                     daemon.pipeline.phi_by_drop))
     set_log_phi(new.log_phi)
     for inbox in new.inboxes:
         if any(w.inbox.path == inbox.path for w in unchanged):

@@ -69,6 +69,10 @@ class Daemon:
         self.state = State(config.state_dir)
         self.tracker = SettleTracker(lambda ref: self.config.settle_for(ref.inbox))
         self.pipeline = Pipeline(config, self.state, self._on_progress, self.stop)
+        # pipelines replaced by a reload, closed once no drop in flight uses them any more
+        self.retired: list[Pipeline] = []
+        self.pipeline_of: dict[str, Pipeline] = {}  # drop id -> the pipeline of its attempts
+        self.pipelines_lock = threading.Lock()
         self.lanes: dict[str, Lane] = {}
         self.progress: dict[str, tuple[int, int]] = {}
         self.watchers: list[InboxWatcher] = []
@@ -147,6 +151,23 @@ class Daemon:
             self.supervisor.stopping()
             self.shutdown()
 
+    def replace_pipeline(self, pipeline: Pipeline) -> None:
+        """A reload's new config takes over; the old pipeline is closed once unused."""
+        with self.pipelines_lock:
+            self.retired.append(self.pipeline)
+            self.pipeline = pipeline
+        self.close_retired()
+
+    def close_retired(self) -> None:
+        """Close the pipelines a reload replaced that no drop in flight uses: their idle
+        associations are released and their XNAT sessions logged out now, not left behind."""
+        with self.pipelines_lock:
+            unused = [p for p in self.retired
+                      if not any(p is used for used in self.pipeline_of.values())]
+            self.retired = [p for p in self.retired if p not in unused]
+        for pipeline in unused:
+            pipeline.close()
+
     def reload(self) -> None:
         """SIGHUP: the config file again; drops in flight keep the config they started with."""
         self.reload_requested.clear()
@@ -207,11 +228,14 @@ class Daemon:
             before_sleep=lambda state: self._destination_down(destination, state),
             reraise=True,
         )
+        with self.pipelines_lock:  # a drop keeps the config it started with
+            pipeline = self.pipeline_of[drop.id] = self.pipeline
         try:
-            retrying(self.pipeline.process, drop)
+            retrying(pipeline.process, drop)
         except TransientFailure as exc:
             attempts = len(self.state.attempts(drop.id))
-            return self._finish_anyway(drop, f"gave up after {attempts} attempt(s): {exc}")
+            return self._finish_anyway(pipeline, drop,
+                                       f"gave up after {attempts} attempt(s): {exc}")
         except Interrupted:
             return False
         except FinishError as exc:
@@ -225,15 +249,18 @@ class Daemon:
         finally:
             self.progress.pop(drop.id, None)
             self.last_activity.pop(drop.id, None)
-            self.pipeline.phi_by_drop.pop(drop.id, None)
+            pipeline.phi_by_drop.pop(drop.id, None)
+            with self.pipelines_lock:
+                self.pipeline_of.pop(drop.id, None)
+            self.close_retired()
         self.drops.pop(drop.id, None)
         if destination != UNROUTED and self.state.destination_health(destination, up=True):
             self.log.info("destination reachable again", destination=destination)
         return True
 
-    def _finish_anyway(self, drop: ClaimedDrop, reason: str) -> bool:
+    def _finish_anyway(self, pipeline: Pipeline, drop: ClaimedDrop, reason: str) -> bool:
         try:
-            self.pipeline.process(drop, give_up=reason)
+            pipeline.process(drop, give_up=reason)
         except (FinishError, Interrupted) as exc:
             self.log.error("finish failed", drop=drop.relative_origin, reason=str(exc))
         return True
@@ -288,6 +315,7 @@ class Daemon:
         longest = max((getattr(d, "dimse_timeout", 30.0) for d in destinations), default=30.0)
         for lane in self.lanes.values():
             lane.join(timeout=longest + 5)
-        self.pipeline.close()  # e.g. log out of XNAT
+        for pipeline in [*self.retired, self.pipeline]:
+            pipeline.close()  # e.g. log out of XNAT
         self.state.close()
         self.log.info("stopped")
