@@ -3,9 +3,9 @@
 The real daemon runs as a process (`python -m xnat_inbox run`, settle_seconds as a site sets it:
 the default 30 s) with two `dicom` destinations, two dcmtk `storescp --fork` on 127.0.0.1
 (TCP_NODELAY=1) writing to disk, new ones with empty folders for every run. A route names one
-destination, so the inbox has two routing
-folders (to-a/ and to-b/, a route.yaml each) and every drop waits in both: every instance goes
-to both receivers, and the two destinations' lanes flow in parallel.
+destination, so the inbox has two routing folders (to-a/ and to-b/, a route.yaml each) and
+every drop waits in both: every instance goes to both receivers, and the two destinations'
+lanes flow in parallel.
 
   run A (reference): the instances as ONE drop (in each routing folder)
   run B:             the same number of instances as --drops drops (100 x 200 by default)
