@@ -75,14 +75,13 @@ def zip_chunks(members: list[Member], compression: str, counter: Counter,
                should_stop: Callable[[], bool] | None = None) -> Iterator[bytes]:
     """The zip as chunks; `after_member` runs once a file is fully read into the stream."""
     big = sum(member.size for member in members) >= ZIP32_LIMIT  # zip64 offsets needed
-    if compression != "deflate":
-        for chunk in _stored_zip(members, big, counter, after_member, should_stop):
-            counter.zip_bytes += len(chunk)
-            yield chunk
-        return
-    entries = (_entry(member, big, counter, after_member, should_stop) for member in members)
-    chunks = stream_zip(entries, chunk_size=CHUNK,
-                        get_compressobj=lambda: zlib.compressobj(1, zlib.DEFLATED, -15))
+    if compression == "deflate":
+        entries = (_entry(member, big, counter, after_member, should_stop) for member in members)
+        chunks: Iterable[bytes] = stream_zip(
+            entries, chunk_size=CHUNK,
+            get_compressobj=lambda: zlib.compressobj(1, zlib.DEFLATED, -15))
+    else:
+        chunks = _stored_zip(members, big, counter, after_member, should_stop)
     for chunk in chunks:
         counter.zip_bytes += len(chunk)
         yield chunk
@@ -135,12 +134,7 @@ def _stored_zip(members: list[Member], big: bool, counter: Counter, after: Hook 
         header = LOCAL.pack(b"PK\x03\x04", version, UTF8, 0, dos_time, dos_date, crc, sizes,
                             sizes, len(name), len(extra)) + name + extra
         yield header
-        for piece in pieces:
-            counter.bytes += len(piece)
-            yield piece
-        counter.files += 1
-        if after:
-            after(member)
+        yield from _counted(pieces, member, counter, after)
         extra = ZIP64_CENTRAL_EXTRA.pack(1, 24, size, size, offset) if big else b""
         central.append(CENTRAL.pack(
             b"PK\x01\x02", MADE_BY_UNIX | version, version, UTF8, 0, dos_time, dos_date, crc,
@@ -230,7 +224,7 @@ def _read_whole(member: Member) -> bytes:
 
 def _counted(pieces: Iterable[bytes], member: Member, counter: Counter,
              after: Hook | None) -> Iterator[bytes]:
-    """A DEFLATE entry's bytes for stream-zip, counted as they go out."""
+    """An entry's bytes, counted as they go out; `after` once the last has gone."""
     for piece in pieces:
         counter.bytes += len(piece)
         yield piece
