@@ -21,7 +21,7 @@ from xnat_inbox.route import Labels, RoutedStudy
 from xnat_inbox.scan import scan_drop
 from xnat_inbox.senders.dicom import DicomSender
 from xnat_inbox.service import Daemon
-from xnat_inbox.settle import RECHECK_SECONDS
+from xnat_inbox.settle import RECHECK_SECONDS, snapshot
 from xnat_inbox.synthetic import SeriesSpec, write_session
 from xnat_inbox.watch import DropRef
 
@@ -97,12 +97,12 @@ def test_a_drop_found_at_start_up_counts_the_time_it_has_been_quiet(tmp_path):
     service = Daemon(config)
     try:
         old, new = DropRef(inbox, inbox_path, "OLD"), DropRef(inbox, inbox_path, "NEW")
-        assert service._quiet_for(old) == HOUR  # at most the settle period
-        assert service._quiet_for(new) < HOUR / 2  # being written, for all we know
+        assert service._quiet_for(snapshot(old), inbox) == HOUR  # at most the settle period
+        assert service._quiet_for(snapshot(new), inbox) < HOUR / 2  # being written, perhaps
         for ref in (old, new):
-            service.touch(ref, service._quiet_for(ref))
+            service.found_at_start(ref)  # its snapshot, which dated it, is the first
         now = time.monotonic()
-        assert service.tracker.due(now) == []  # the first snapshot
+        assert service.tracker.due(now) == []  # too soon for the second
         assert service.tracker.due(now + RECHECK_SECONDS) == [old]  # the second agrees
         assert service.tracker.pending() == [new]
     finally:

@@ -17,7 +17,7 @@ from .finish import FinishError, reserve_recorded
 from .logs import get_logger
 from .pipeline import Interrupted, Pipeline, TransientFailure
 from .reload import reload_config
-from .settle import SettleTracker, snapshot
+from .settle import SettleTracker, Snapshot, snapshot
 from .state import State
 from .supervise import Supervisor
 from .watch import DropRef, InboxWatcher, existing_drops, is_routing_folder
@@ -125,17 +125,22 @@ class Daemon:
                       mode="polling" if watcher.polling else "inotify",
                       settle_seconds=self.config.settle_for(inbox))
         for ref in existing_drops(inbox):
-            self.touch(ref, self._quiet_for(ref))
+            self.found_at_start(ref)
 
-    def _quiet_for(self, ref: DropRef) -> float:
+    def found_at_start(self, ref: DropRef) -> None:
+        """A drop waiting at start-up: tracked as quiet since its newest mtime."""
+        found = snapshot(ref)
+        self.touch(ref, self._quiet_for(found, ref.inbox), found)
+
+    def _quiet_for(self, found: Snapshot | None, inbox: InboxConfig) -> float:
         """How long a drop found at start-up has been quiet, by its newest mtime (files and
         folders; a copy in progress keeps the folder it fills fresh), at most settle_seconds:
-        a backlog that waited through a downtime needs only the two agreeing snapshots."""
-        found = snapshot(ref)
+        a backlog that waited through a downtime needs only the two agreeing snapshots, and
+        this one, which dated it, is the first of them."""
         if found is None:
             return 0.0
         age = time.time() - found.newest_mtime_ns / 1e9
-        return min(max(age, 0.0), self.config.settle_for(ref.inbox))
+        return min(max(age, 0.0), self.config.settle_for(inbox))
 
     # --- the loop -----------------------------------------------------------------------
     def run(self) -> None:
@@ -174,9 +179,11 @@ class Daemon:
         self.supervisor.reloading()
         self.supervisor.reloaded(reload_config(self))
 
-    def touch(self, ref: DropRef, age: float = 0.0) -> None:
-        """The drop changed `age` seconds ago: its quiet period starts then."""
-        self.tracker.touch(ref, time.monotonic() - age)
+    def touch(self, ref: DropRef, age: float = 0.0, seen: Snapshot | None = None) -> None:
+        """The drop changed `age` seconds ago: its quiet period starts then. `seen`: what it
+        held just now, when that was read to date the change."""
+        now = time.monotonic()
+        self.tracker.touch(ref, now - age, seen, now)
         if ref.name is None and ref.folder != ref.inbox.path and is_routing_folder(ref.folder):
             # a route.yaml just made this a routing folder: what is in it are drops now
             for child in existing_drops(ref.inbox, ref.folder):

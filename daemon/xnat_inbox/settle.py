@@ -85,12 +85,15 @@ class SettleTracker:
     drops: dict[DropRef, _Watch] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def touch(self, ref: DropRef, when: float) -> None:
-        """The drop changed at `when` (events may arrive out of order: the latest counts)."""
+    def touch(self, ref: DropRef, when: float, seen: Snapshot | None = None,
+              seen_at: float = 0.0) -> None:
+        """The drop changed at `when` (events may arrive out of order: the latest counts).
+        `seen`: a snapshot taken at `seen_at` that dated the change, the first of the two that
+        must agree (for a drop not tracked yet; a later change makes it void)."""
         with self.lock:
             watch = self.drops.get(ref)
             if watch is None:
-                self.drops[ref] = _Watch(when)
+                self.drops[ref] = _Watch(when, seen, seen_at if seen else 0.0)
             else:
                 watch.last_touch, watch.snapshot = max(watch.last_touch, when), None
 
