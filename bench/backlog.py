@@ -272,9 +272,9 @@ def main() -> int:
     parser.add_argument("--logs", type=Path, metavar="DIR", help="keep the daemon's logs in DIR")
     args = parser.parse_args()
 
-    from tests.peers import StoreSCP
+    from tests.peers import StoreSCP, dcmtk_tool
 
-    if not shutil.which("storescp"):
+    if not dcmtk_tool("storescp"):
         print("storescp (dcmtk) is needed: apt-get install dcmtk", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="bench-backlog-") as tmp:

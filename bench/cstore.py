@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -88,10 +87,10 @@ def main() -> int:
         return send_with_daemon_sender(Path(args.send[0]), int(args.send[1]), args.send[2],
                                        int(args.send[3]))
 
-    from tests.peers import StoreSCP
+    from tests.peers import StoreSCP, dcmtk_tool
     from xnat_inbox.synthetic import write_benchmark_session
 
-    storescu = shutil.which("storescu")
+    storescu = dcmtk_tool("storescu")
     if not storescu:
         print("storescu (dcmtk) is needed: apt-get install dcmtk", file=sys.stderr)
         return 2

@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.daemon_runner import DaemonProcess, dicom_destination, write_config  # noqa: E402
-from tests.peers import StoreSCP  # noqa: E402
+from tests.peers import StoreSCP, dcmtk_tool  # noqa: E402
 
 IDLE_INBOXES = 10
 CPU_TARGET = 0.01  # of one core
@@ -293,7 +293,7 @@ def main() -> int:
                         "the functions where its time went to the output")
     parser.add_argument("--skip-idle", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not shutil.which("storescp"):
+    if not dcmtk_tool("storescp"):
         print("storescp (dcmtk) is needed: apt-get install dcmtk", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="bench-watch-") as tmp:

@@ -47,6 +47,20 @@ class PeerError(RuntimeError):
     """A peer could not be started (the message carries the end of its log)."""
 
 
+def dcmtk_tool(name: str) -> str | None:
+    """dcmtk's `name` (storescp, storescu, ...) on PATH, or None. pynetdicom 3 installs Python
+    apps of the same names into the venv's bin/, which comes first in an activated venv and
+    takes other options: only a compiled program counts."""
+    for folder in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(folder or ".", name)
+        if not os.access(candidate, os.X_OK) or os.path.isdir(candidate):
+            continue
+        with contextlib.suppress(OSError), open(candidate, "rb") as head:
+            if head.read(4) == b"\x7fELF":
+                return candidate
+    return None
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago (the kernel's pick for 127.0.0.1:0)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -297,7 +311,7 @@ class StoreSCP(_ExternalPeer):
         return options
 
     def _argv(self) -> list[str]:
-        storescp = shutil.which("storescp")
+        storescp = dcmtk_tool("storescp")
         if storescp is None:
             raise PeerError("storescp not found: install dcmtk")
         return [

@@ -25,7 +25,15 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
-from peers import InProcessSCP, Orthanc, PeerError, StoreSCP, pid_exists, port_accepts
+from peers import (
+    InProcessSCP,
+    Orthanc,
+    PeerError,
+    StoreSCP,
+    dcmtk_tool,
+    pid_exists,
+    port_accepts,
+)
 from xnat_inbox.synthetic import (
     DEFAULT_SERIES,
     SeriesSpec,
@@ -58,7 +66,8 @@ def _dciodvfy_errors(path: Path) -> list[str]:
 
 def _storescu(aet: str, port: int, folder: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["storescu", "-aec", aet, "+sd", "+r", "127.0.0.1", str(port), str(folder)],
+        [str(dcmtk_tool("storescu")), "-aec", aet, "+sd", "+r", "127.0.0.1", str(port),
+         str(folder)],
         env=TCP_NODELAY_ENV,
         capture_output=True,
         text=True,
