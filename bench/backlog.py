@@ -17,7 +17,9 @@ the settle check before the first claim are the same in both runs and are shown 
 ("first claim after"). ratio = throughput B ÷ throughput A, pair by pair (A and B alternate, the
 order reversed every other pair, so drift cancels); target ≥ 0.9. In run B the daemon's RSS
 (/proc/<pid>/status VmRSS) is read after each finished drop: first, last and max are printed.
-Also printed: the daemon's CPU seconds (user + system, /proc/<pid>/stat) and how busy the
+Also printed: the CPU seconds of the daemon and its scan worker processes (user + system,
+/proc/<pid>/stat), the workers' memory at the end of run B (PSS: the pages they share with
+each other and their fork server counted once), and how busy the
 machine's cores were (/proc/stat), so per-drop CPU and contention show beside the times.
 Instances are small synthetic MR (64x64, 16-bit, ≈9 KB) so that per-drop costs show and a run
 stays short. Every instance is counted at both receivers and every drop must be in done/.
@@ -60,7 +62,8 @@ class Run:
     scan_s: float = 0.0  # summed over the drops (their reports' timings)
     send_s: float = 0.0
     rss_mb: list[float] = field(default_factory=list)  # after each finished drop
-    cpu_s: float = 0.0  # the daemon's CPU seconds (user + system), launch to last finish
+    cpu_s: float = 0.0  # CPU seconds (user + system) of the daemon and its workers, to the end
+    workers_mb: float = 0.0  # the fork server's and scan workers' PSS together, at the end
     busy: float = 0.0  # the machine's busy fraction of all cores over the same time
 
     @property
@@ -114,8 +117,38 @@ def place_drops(source: Path, inbox: Path) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # a worker that ended just now
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """The daemon's processes below it (the fork server and the scan workers it forks)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(
+                    Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found += frontier
+    return found
+
+
+def pss_mb(pid: int) -> float:
+    """Proportional set size: shared pages split among the processes sharing them."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in rollup.splitlines()
+                 if line.startswith("Pss:")), 0.0)
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -126,7 +159,11 @@ def machine_ticks() -> tuple[int, int]:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    for line in status.splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
@@ -163,7 +200,9 @@ def run_once(kind: str, source: Path, work: Path, ports: dict[str, int], aet: st
                 raise SystemExit(f"run {kind}: {seen} of {expected} drops after the deadline\n"
                                  f"{daemon.text()[-3000:]}")
             time.sleep(0.02)
-        cpu = cpu_seconds(daemon.pid)
+        workers = descendants(daemon.pid)
+        cpu = cpu_seconds(daemon.pid) + sum(cpu_seconds(pid) for pid in workers)
+        workers_mb = sum(pss_mb(pid) for pid in workers)
         ticks_after = machine_ticks()
     finally:
         if spy is not None:
@@ -180,7 +219,7 @@ def run_once(kind: str, source: Path, work: Path, ports: dict[str, int], aet: st
     return Run(kind, expected, 2 * instances, last - first, first - launched,
                scan_s=sum(r["timings"]["scan_seconds"] for r in reports),
                send_s=sum(s["send_seconds"] for r in reports for s in r["studies"]),
-               rss_mb=samples, cpu_s=cpu,
+               rss_mb=samples, cpu_s=cpu, workers_mb=workers_mb,
                busy=(ticks_after[0] - ticks_before[0]) / (ticks_after[1] - ticks_before[1]))
 
 
@@ -243,6 +282,8 @@ def summarise(runs: list[tuple[Run, Run]], args: argparse.Namespace) -> dict[str
               f"{f'{b.scan_s:.1f}+{b.send_s:.1f}':>12} "
               f"{f'{a.cpu_s:.1f}/{b.cpu_s:.1f}':>11} {f'{a.busy:.0%}/{b.busy:.0%}':>9} {rss:>24}")
     last_b = runs[-1][1]
+    print(f"scan worker processes and their fork server at the end of the last run B: "
+          f"{last_b.workers_mb:.1f} MB together (PSS)")
     return {
         "bench": "backlog", "ratio": round(statistics.median(ratios), 3),
         "ratios": [round(r, 3) for r in ratios],
@@ -251,6 +292,7 @@ def summarise(runs: list[tuple[Run, Run]], args: argparse.Namespace) -> dict[str
         "instances": args.instances, "drops": args.drops, "destinations": 2,
         "rss_first_mb": round(last_b.rss_mb[0], 1), "rss_last_mb": round(last_b.rss_mb[-1], 1),
         "rss_max_mb": round(max(last_b.rss_mb), 1), "rss_samples": len(last_b.rss_mb),
+        "scan_workers_pss_mb": round(last_b.workers_mb, 1),
         "rss_quartiles_mb": [round(last_b.rss_mb[len(last_b.rss_mb) * q // 4], 1)
                              for q in (1, 2, 3)],
         "first_claim_s": round(statistics.median(r.first_claim_s for p in runs for r in p), 2),

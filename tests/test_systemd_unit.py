@@ -58,7 +58,11 @@ def open_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_daemon_delivers_under_the_units_restrictions(open_dir, inprocess_scp):
+@pytest.mark.parametrize("private_tmp", [True, False], ids=["PrivateTmp", "read-only-tmp"])
+def test_daemon_delivers_under_the_units_restrictions(open_dir, inprocess_scp, private_tmp):
+    """As the unit runs it (PrivateTmp=: a writable temporary folder of its own, here $TMPDIR);
+    and with every temporary folder read-only (a unit edited without PrivateTmp=), where no
+    scan worker can start: the drop is scanned in the daemon's own process."""
     if os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("unshare"):
         pytest.skip("needs root, unshare and setpriv")
     # user nobody, unless this Python lives where nobody can't run it (pyenv under /root):
@@ -70,14 +74,16 @@ def test_daemon_delivers_under_the_units_restrictions(open_dir, inprocess_scp):
         capture_output=True, timeout=60, check=False).returncode == 0 else 0
     config, (inbox,) = site(open_dir, inprocess_scp())
     state = open_dir / "state"
-    for folder in (inbox, state):
+    private = open_dir / "private-tmp"
+    for folder in (inbox, state, private):
         folder.mkdir(exist_ok=True)
         os.chown(folder, user, user)
     listener = NotifySocket(open_dir / "notify.sock")
     (open_dir / "notify.sock").chmod(0o777)  # as systemd's own notify socket
     wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c", RESTRICT, "restrict"]
-    env = {**QUIET, "NOTIFY_SOCKET": str(listener.path), "RW": f"{inbox} {state}",
-           "AS": str(user)}
+    env = {**QUIET, "NOTIFY_SOCKET": str(listener.path), "AS": str(user),
+           "RW": f"{inbox} {state}" + (f" {private}" if private_tmp else ""),
+           **({"TMPDIR": str(private)} if private_tmp else {})}
 
     # the restrictions hold: the inbox is writable, nothing else is; no capability is left
     probe = subprocess.run(
@@ -98,6 +104,8 @@ def test_daemon_delivers_under_the_units_restrictions(open_dir, inprocess_scp):
         outcome, report, _ = wait_for_report(inbox, "LOCKED", daemon=process)
         assert outcome == "done", report["reasons"]
         assert report["studies"][0]["stored"] == 3
+        warned = [e for e in process.events() if "cannot start scan worker" in e["event"]]
+        assert len(warned) == (0 if private_tmp else 1), warned
     finally:
         assert process.stop() == 0, process.text()[-3000:]
         listener.drain()

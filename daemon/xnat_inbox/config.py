@@ -242,6 +242,8 @@ class SiteConfig(Strict):
     log_phi: bool = False
     #: a drop with no progress for this long means a stuck worker: systemd's watchdog restarts us
     hung_worker_seconds: float = Field(900.0, ge=0, description="0: never")
+    #: processes that read drops' headers beside the daemon (see scan_workers); 0: in its own
+    scan_processes: int = Field(2, ge=0, le=32)
     destinations: dict[str, Destination] = Field(min_length=1)
     inboxes: list[InboxConfig] = Field(min_length=1)
     #: the site secret that keys de-identification's UID remapping (a file or a credential name)

@@ -23,7 +23,8 @@ from .finish import FinishError, complete_finish, finish, finish_pending, plan_t
 from .logs import drop_log, get_logger, phi_pattern, phi_scope
 from .report import DropReport, StudyResult
 from .route import Route, RoutedStudy, RouteError, resolve_route, route_study
-from .scan import Instance, Kind, ScanResult, scan_drop
+from .scan import Instance, Kind, ScanResult
+from .scan_workers import ScanWorkers
 from .senders import Delivery, InstanceOutcome, Sender, make_sender
 from .state import Memo, State
 from .unpack import UnpackError, unpack
@@ -45,13 +46,16 @@ class Interrupted(Exception):
 class Pipeline:
     def __init__(self, config: SiteConfig, state: State, progress: Progress | None = None,
                  stop: threading.Event | None = None,
-                 phi_by_drop: dict[str, re.Pattern[str] | None] | None = None) -> None:
+                 phi_by_drop: dict[str, re.Pattern[str] | None] | None = None,
+                 scans: ScanWorkers | None = None) -> None:
         self.config = config
         self.state = state
         self.progress = progress
         self.stop = stop or threading.Event()
         # each drop's PHI values, so what the service shows of a drop (STATUS=) can mask them
         self.phi_by_drop = {} if phi_by_drop is None else phi_by_drop
+        # the daemon's worker processes; alone (tests, `explain`), the scan runs in-process
+        self.scans = scans or ScanWorkers(0)
         self._senders: dict[str, Sender] = {}
         self._lock = threading.Lock()
 
@@ -125,7 +129,7 @@ class Pipeline:
             except UnpackError as exc:
                 report.reasons.append(str(exc))
                 return ScanResult(drop.path, [], {}, set())
-        return scan_drop(root, drop.inbox.ready_marker)
+        return self.scans.scan(root, drop.inbox.ready_marker)
 
     def _finish(self, drop: ClaimedDrop, report: DropReport, attempt: int, lines: list[str],
                 log: BoundLogger, phi: re.Pattern[str] | None) -> Path:

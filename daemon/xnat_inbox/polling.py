@@ -99,8 +99,8 @@ def changes(old: Snapshot, new: Snapshot) -> list[FileSystemEvent]:
 
 
 class PruningPollingEmitter(EventEmitter):
-    """Polls one watch every `timeout` seconds, start to start (a slow walk does not stretch
-    the interval), with `take_snapshot(path, skip)`.
+    """Polls one watch every `interval` seconds (else the observer's `timeout`), start to
+    start (a slow walk does not stretch the interval), with `take_snapshot(path, skip)`.
 
     The first snapshot is taken when the emitter is made, before the observer starts, so a
     drop written while the daemon starts is either found by its start-up listing or reported
@@ -109,13 +109,15 @@ class PruningPollingEmitter(EventEmitter):
 
     def __init__(self, event_queue: Any, watch: Any, *, timeout: float = 1.0,
                  event_filter: Any = None,
-                 skip: Callable[[os.DirEntry[str]], bool] = lambda _: False) -> None:
+                 skip: Callable[[os.DirEntry[str]], bool] = lambda _: False,
+                 interval: float | None = None) -> None:
         super().__init__(event_queue, watch, timeout=timeout, event_filter=event_filter)
+        self.interval = timeout if interval is None else interval
         self.skip = skip
         self.walk_started = time.time()
         self._last_walk = self.walk_started
         self._snapshot = take_snapshot(watch.path, skip)
-        self._due = time.monotonic() + timeout
+        self._due = time.monotonic() + self.interval
         self._failing = False
         self._slow = False
 
@@ -123,7 +125,7 @@ class PruningPollingEmitter(EventEmitter):
         if self.stopped_event.wait(max(0.0, self._due - time.monotonic())):
             return
         started = time.monotonic()
-        self._due = started + timeout
+        self._due = started + self.interval
         self.walk_started, self._last_walk = self._last_walk, time.time()
         try:
             new = take_snapshot(self.watch.path, self.skip)
@@ -149,8 +151,8 @@ class PruningPollingEmitter(EventEmitter):
         seconds = time.monotonic() - started
         log.debug("polled", inbox=self.watch.path, entries=len(new), changes=len(events),
                   seconds=round(seconds, 4))
-        if seconds > timeout and not self._slow:  # once, until it is fast again
+        if seconds > self.interval and not self._slow:  # once, until it is fast again
             log.warning("polling the inbox takes longer than poll_interval; raise poll_interval "
                         "or move finished folders out of the inbox", inbox=self.watch.path,
                         seconds=round(seconds, 2), entries=len(new))
-        self._slow = seconds > timeout
+        self._slow = seconds > self.interval

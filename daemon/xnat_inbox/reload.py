@@ -17,8 +17,8 @@ from .pipeline import Pipeline
 if TYPE_CHECKING:
     from .service import Daemon
 
-#: settings a running daemon can't change (where its state lives)
-RESTART_ONLY = ("state_dir",)
+#: settings a running daemon can't change (where its state lives, its scan processes)
+RESTART_ONLY = ("state_dir", "scan_processes")
 
 log = get_logger(step="reload")
 
@@ -76,7 +76,7 @@ def apply(daemon: Daemon, new: SiteConfig) -> None:
     old_paths = {inbox.path for inbox in old.inboxes}
     daemon.config = new
     daemon.replace_pipeline(Pipeline(new, daemon.state, daemon.pipeline.progress, daemon.stop,
-                                     daemon.pipeline.phi_by_drop))
+                                     daemon.pipeline.phi_by_drop, daemon.scans))
     set_log_phi(new.log_phi)
     for inbox in new.inboxes:
         if any(w.inbox.path == inbox.path for w in unchanged):

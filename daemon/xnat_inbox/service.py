@@ -17,12 +17,16 @@ from .finish import FinishError, reserve_recorded
 from .logs import get_logger
 from .pipeline import Interrupted, Pipeline, TransientFailure
 from .reload import reload_config
+from .scan_workers import ScanWorkers
 from .settle import SettleTracker, Snapshot, snapshot
 from .state import State
 from .supervise import Supervisor
 from .watch import DropRef, InboxWatcher, existing_drops, is_routing_folder
 
 TICK_SECONDS = 0.25
+#: with nothing settling or in flight (a touch wakes the main loop, a drop its lane, at once;
+#: a signal is seen at the next tick: a handler must not take the locks an Event.set() takes)
+IDLE_TICK_SECONDS = 1.0
 UNROUTED = "(no route)"  # the lane of drops whose route names no usable destination
 
 
@@ -45,6 +49,10 @@ class Lane(threading.Thread):
             self.queue.append(drop)
             self.wakeup.notify()
 
+    def wake(self) -> None:
+        with self.wakeup:
+            self.wakeup.notify()
+
     def __len__(self) -> int:
         return len(self.queue)
 
@@ -53,7 +61,7 @@ class Lane(threading.Thread):
         while not stop.is_set():
             with self.wakeup:
                 if not self.queue:
-                    self.wakeup.wait(timeout=TICK_SECONDS)
+                    self.wakeup.wait(timeout=IDLE_TICK_SECONDS)
                     continue
                 drop = self.queue[0]
             if self.owner.deliver(drop, self.destination):
@@ -68,7 +76,9 @@ class Daemon:
         self.log = get_logger(step="service")
         self.state = State(config.state_dir)
         self.tracker = SettleTracker(lambda ref: self.config.settle_for(ref.inbox))
-        self.pipeline = Pipeline(config, self.state, self._on_progress, self.stop)
+        self.scans = ScanWorkers(config.scan_processes)
+        self.pipeline = Pipeline(config, self.state, self._on_progress, self.stop,
+                                 scans=self.scans)
         # pipelines replaced by a reload, closed once no drop in flight uses them any more
         self.retired: list[Pipeline] = []
         self.pipeline_of: dict[str, Pipeline] = {}  # drop id -> the pipeline of its attempts
@@ -81,6 +91,7 @@ class Daemon:
         self.drops: dict[str, ClaimedDrop] = {}
         self.last_activity: dict[str, float] = {}
         self.reload_requested = threading.Event()
+        self.wake = threading.Event()  # ends the main loop's wait: a drop was touched
         self.supervisor = Supervisor(self)
 
     @property
@@ -147,7 +158,12 @@ class Daemon:
         self.start()
         self.supervisor.ready()
         try:
-            while not self.stop.wait(TICK_SECONDS):
+            while not self.stop.is_set():
+                # each wake-up costs CPU: an idle daemon ticks once a second, not four times
+                self.wake.wait(TICK_SECONDS if self.busy() else IDLE_TICK_SECONDS)
+                self.wake.clear()
+                if self.stop.is_set():
+                    break
                 if self.reload_requested.is_set():
                     self.reload()
                 self.tick(time.monotonic())
@@ -184,6 +200,7 @@ class Daemon:
         held just now, when that was read to date the change."""
         now = time.monotonic()
         self.tracker.touch(ref, now - age, seen, now)
+        self.wake.set()  # an idle loop ticks at once, then every TICK_SECONDS while it settles
         if ref.name is None and ref.folder != ref.inbox.path and is_routing_folder(ref.folder):
             # a route.yaml just made this a routing folder: what is in it are drops now
             for child in existing_drops(ref.inbox, ref.folder):
@@ -306,6 +323,10 @@ class Daemon:
         self.progress[drop_id] = (done, total)
         self.last_activity[drop_id] = time.monotonic()
 
+    def busy(self) -> bool:
+        """Drops settling or in flight: tick often (claims, STATUS progress, stuck workers)."""
+        return bool(self.drops) or bool(self.tracker.pending())
+
     def idle(self) -> bool:
         return not any(len(lane) for lane in self.lanes.values()) and not self.tracker.pending()
 
@@ -315,6 +336,8 @@ class Daemon:
     # --- stop ---------------------------------------------------------------------------
     def shutdown(self) -> None:
         self.stop.set()
+        for lane in self.lanes.values():
+            lane.wake()
         for watcher in self.watchers:
             watcher.stop()
         # a lane stops between two instances: at most one C-STORE is awaited
@@ -324,5 +347,6 @@ class Daemon:
             lane.join(timeout=longest + 5)
         for pipeline in [*self.retired, self.pipeline]:
             pipeline.close()  # e.g. log out of XNAT
+        self.scans.close()
         self.state.close()
         self.log.info("stopped")

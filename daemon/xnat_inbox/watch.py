@@ -30,6 +30,9 @@ NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ce
 IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
 #: file times come from the kernel's coarse clock, up to a tick behind time.time()
 MTIME_SLACK_S = 0.02
+#: how long an observer's dispatch thread waits for an event before it looks again whether to
+#: stop; stopping wakes it at once, so this only counts idle wake-ups (each costs CPU)
+DISPATCH_TIMEOUT_S = 30.0
 #: an archive in a routing folder is a drop of its own, not one of the loose files
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
@@ -184,9 +187,9 @@ class InboxWatcher(FileSystemEventHandler):
         self.symlinks_noted: set[Path] = set()
         self.lock = threading.Lock()
         self.observer: BaseObserver = (
-            BaseObserver(partial(PruningPollingEmitter, skip=self._never_polled),  # type: ignore[arg-type]
-                         timeout=inbox.poll_interval)
-            if self.polling else Observer()
+            BaseObserver(partial(PruningPollingEmitter, skip=self._never_polled,  # type: ignore[arg-type]
+                                 interval=inbox.poll_interval), timeout=DISPATCH_TIMEOUT_S)
+            if self.polling else Observer(timeout=DISPATCH_TIMEOUT_S)
         )
         self.observer.daemon = True
 
