@@ -19,7 +19,7 @@ import contextlib
 import multiprocessing
 import os
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -47,10 +47,10 @@ class ScanWorkers:
     def scan(self, root: Path, ready_marker: str | None = None) -> ScanResult:
         pool = self._executor()
         scanning = self._hand_over(pool, root, ready_marker) if pool else None
-        if scanning is not None:
+        if pool is not None and scanning is not None:
             try:
                 return scanning.result()
-            except BrokenProcessPool as exc:
+            except (BrokenProcessPool, CancelledError) as exc:  # cancelled: the pool was given up
                 self._died(pool, root, exc)
         return scan_drop(root, ready_marker)
 
@@ -108,7 +108,7 @@ class ScanWorkers:
             self._closed = True
         self._discard(pool)
 
-    def _died(self, pool: ProcessPoolExecutor, root: Path, exc: BrokenProcessPool) -> None:
+    def _died(self, pool: ProcessPoolExecutor, root: Path, exc: Exception) -> None:
         log.warning("a scan worker process died; this drop is scanned in the daemon's own "
                     "process and new workers are started for the next ones",
                     root=str(root), reason=str(exc))
