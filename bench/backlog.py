@@ -124,23 +124,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def descendants(pid: int) -> list[int]:
-    """The daemon's processes below it (the fork server and the scan workers it forks)."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parents[int(entry)] = int(
-                    Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found, frontier = [], {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier}
-        found += frontier
-    return found
-
-
 def pss_mb(pid: int) -> float:
     """Proportional set size: shared pages split among the processes sharing them."""
     try:
@@ -173,6 +156,7 @@ def run_once(kind: str, source: Path, work: Path, ports: dict[str, int], aet: st
              receivers: dict[str, Path], instances: int, profile: Path | None,
              logs: Path | None) -> Run:
     from tests.daemon_runner import DaemonProcess
+    from tests.peers import descendants
 
     shutil.rmtree(work, ignore_errors=True)
     inbox = work / "inbox"

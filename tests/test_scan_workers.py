@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.daemon_runner import DaemonProcess, dicom_destination, wait_for_report, write_config
-from tests.peers import StoreSCP, pid_exists
+from tests.peers import StoreSCP, descendants, pid_exists
 from tests.test_e2e_cstore import ROUTE
 from xnat_inbox.scan import scan_drop
 from xnat_inbox.scan_workers import ScanWorkers
@@ -27,23 +27,6 @@ def odd_drop(root: Path) -> Path:
     (root / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 40)
     (root / "link.dcm").symlink_to(session.files[0])
     return root
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below `pid`, from /proc (children of children included)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier}
-        found |= frontier
-    return found
 
 
 def wait_gone(pids: set[int], timeout: float = 10) -> set[int]:

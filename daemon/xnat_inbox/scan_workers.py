@@ -41,7 +41,7 @@ class ScanWorkers:
         self._pool: ProcessPoolExecutor | None = None
         # a pipe nobody writes to: the workers see it close when the daemon ends, kill -9 too
         self._alive: tuple[Connection, Connection] | None = None
-        self._closed = False
+        self._closed = processes == 0  # closed: every scan runs in this process
         self._lock = threading.Lock()
 
     def scan(self, root: Path, ready_marker: str | None = None) -> ScanResult:
@@ -85,7 +85,7 @@ class ScanWorkers:
     def _executor(self) -> ProcessPoolExecutor | None:
         """The pool, started at the first scan; None: scan in this process."""
         with self._lock:
-            if self.processes == 0 or self._closed:
+            if self._closed:
                 return None
             if self._pool is None:
                 context = multiprocessing.get_context("forkserver")

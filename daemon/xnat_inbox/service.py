@@ -327,9 +327,6 @@ class Daemon:
         """Drops settling or in flight: tick often (claims, STATUS progress, stuck workers)."""
         return bool(self.drops) or bool(self.tracker.pending())
 
-    def idle(self) -> bool:
-        return not any(len(lane) for lane in self.lanes.values()) and not self.tracker.pending()
-
     def summary(self) -> dict[str, object]:
         return self.state.summary(datetime.now().astimezone().date().isoformat())
 
