@@ -73,7 +73,7 @@ class Run:
 
 def make_sources(root: Path, instances: int, drops: int, rows: int) -> dict[str, Path]:
     """Pristine drops, written once: A/<one drop>, B/<drops drops>; runs hard-link them."""
-    from xnat_inbox.synthetic import write_benchmark_session
+    from xnat_inbox.commands.synthetic import write_benchmark_session
 
     per_drop = [instances // drops + (1 if i < instances % drops else 0) for i in range(drops)]
     write_benchmark_session(root / "A" / "session", count=instances, rows=rows, columns=rows)

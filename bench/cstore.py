@@ -38,9 +38,9 @@ def send_with_daemon_sender(folder: Path, port: int, aet: str, associations: int
     """The daemon's own code path: scan the folder, then DicomSender with the routing string;
     prints the seconds of the drop (scan and send) and of the send alone."""
     from xnat_inbox.config import DicomDestination
-    from xnat_inbox.route import Labels, RoutedStudy
-    from xnat_inbox.scan import scan_drop
-    from xnat_inbox.senders.dicom import DicomSender
+    from xnat_inbox.reading.scan import scan_drop
+    from xnat_inbox.routing.route import Labels, RoutedStudy
+    from xnat_inbox.senders.dicom.sender import DicomSender
 
     drop_started = time.perf_counter()
     [study] = scan_drop(folder).studies.values()
@@ -88,7 +88,7 @@ def main() -> int:
                                        int(args.send[3]))
 
     from tests.peers import StoreSCP, dcmtk_tool
-    from xnat_inbox.synthetic import write_benchmark_session
+    from xnat_inbox.commands.synthetic import write_benchmark_session
 
     storescu = dcmtk_tool("storescu")
     if not storescu:

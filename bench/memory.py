@@ -33,7 +33,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from tests.peers import StoreSCP
-    from xnat_inbox.synthetic import write_benchmark_session
+    from xnat_inbox.commands.synthetic import write_benchmark_session
 
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         work = Path(tmp)

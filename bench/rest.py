@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from xnat_inbox.senders.xnat import XnatSender
+    from xnat_inbox.senders.xnat.sender import XnatSender
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -67,8 +67,8 @@ PROJECT, SUBJECT = "TEST", "BENCH001"
 def one_drop(folder: Path, sender: XnatSender, label: str) -> tuple[float, float]:
     """The daemon's own code path for one drop: scan the folder, then XnatSender.send;
     returns (scan seconds, send seconds)."""
-    from xnat_inbox.route import Labels, RoutedStudy
-    from xnat_inbox.scan import scan_drop
+    from xnat_inbox.reading.scan import scan_drop
+    from xnat_inbox.routing.route import Labels, RoutedStudy
 
     started = time.perf_counter()
     [study] = scan_drop(folder).studies.values()
@@ -85,7 +85,7 @@ def one_drop(folder: Path, sender: XnatSender, label: str) -> tuple[float, float
 def run_ours(mode: str, folder: Path, url: str, secret: Path, label: str) -> int:
     """A child process: `whole` sends one drop; `warm` warms up, then times a second drop."""
     from xnat_inbox.config import XnatDestination
-    from xnat_inbox.senders.xnat import XnatSender
+    from xnat_inbox.senders.xnat.sender import XnatSender
 
     destination = XnatDestination(type="xnat", url=url, username=USER, password_file=secret)
     sender = XnatSender("bench", destination)
@@ -288,7 +288,7 @@ def main() -> int:
         return run_ours(mode, Path(folder), url, Path(secret), label)
 
     from tests.fake_xnat import FakeXnat
-    from xnat_inbox.synthetic import write_benchmark_session
+    from xnat_inbox.commands.synthetic import write_benchmark_session
 
     curl = shutil.which("curl")
     if not curl:

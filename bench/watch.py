@@ -151,8 +151,8 @@ class CopyInProgress(threading.Thread):
 def time_emitter_in_process(inbox_path: Path, cycles: int) -> list[float]:
     """The daemon's own polling emitter on the same tree, timed here: seconds per cycle."""
     from xnat_inbox.config import InboxConfig
+    from xnat_inbox.intake.watch import InboxWatcher
     from xnat_inbox.logs import configure
-    from xnat_inbox.watch import InboxWatcher
 
     configure(stream=open(os.devnull, "w"))  # noqa: SIM115 (the process's log, to its end)
     inbox = InboxConfig(path=inbox_path, poll=True)
@@ -218,7 +218,7 @@ def _function(frame: str) -> str:
 
 def write_drops(inbox: Path, count: int) -> dict[str, float]:
     """Small sessions, one after the other at uneven gaps; name -> end of its last write."""
-    from xnat_inbox.synthetic import Patient, SeriesSpec, write_session
+    from xnat_inbox.commands.synthetic import Patient, SeriesSpec, write_session
 
     finished = {}
     for i in range(count):

@@ -26,7 +26,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from xnat_inbox.synthetic import Patient, SeriesSpec, write_session
+from xnat_inbox.commands.synthetic import Patient, SeriesSpec, write_session
 
 Build = Callable[[Path, Path], None]  # (drop path to create, a scratch folder outside)
 

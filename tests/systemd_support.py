@@ -18,7 +18,7 @@ import structlog
 from tests.daemon_runner import REPO, DaemonProcess, dicom_destination, write_config
 from tests.test_e2e_cstore import ROUTE, copy_in
 from xnat_inbox import logs
-from xnat_inbox.synthetic import SeriesSpec, write_session
+from xnat_inbox.commands.synthetic import SeriesSpec, write_session
 
 UNIT = REPO / "systemd" / "xnat-inbox.service"
 #: the daemon's environment outside systemd: nothing of the test runner's own service leaks in

@@ -13,17 +13,23 @@ import pytest
 from tests.conftest import checksums
 from tests.daemon_runner import dicom_destination, reports, wait_for_report, write_config
 from tests.peers import StoreSCP
-from xnat_inbox import finish as finish_step
-from xnat_inbox.claim import claim, claimed_drops
+from xnat_inbox.commands.synthetic import SeriesSpec, write_session
 from xnat_inbox.config import DicomDestination, InboxConfig, load_config
-from xnat_inbox.finish import FINISH_FILE, complete_finish, finish, plan_target, reserve_recorded
-from xnat_inbox.route import Labels, RoutedStudy
-from xnat_inbox.scan import scan_drop
-from xnat_inbox.senders.dicom import DicomSender
-from xnat_inbox.service import Daemon
-from xnat_inbox.settle import RECHECK_SECONDS, snapshot
-from xnat_inbox.synthetic import SeriesSpec, write_session
-from xnat_inbox.watch import DropRef
+from xnat_inbox.intake.claim import claim, claimed_drops
+from xnat_inbox.intake.settle import RECHECK_SECONDS, snapshot
+from xnat_inbox.intake.watch import DropRef
+from xnat_inbox.outcome import finish as finish_step
+from xnat_inbox.outcome.finish import (
+    FINISH_FILE,
+    complete_finish,
+    finish,
+    plan_target,
+    reserve_recorded,
+)
+from xnat_inbox.reading.scan import scan_drop
+from xnat_inbox.routing.route import Labels, RoutedStudy
+from xnat_inbox.senders.dicom.sender import DicomSender
+from xnat_inbox.service.daemon import Daemon
 
 HOUR = 3600.0
 

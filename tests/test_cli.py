@@ -10,7 +10,7 @@ import pytest
 
 from tests.daemon_runner import REPO, dicom_destination, write_config
 from xnat_inbox import __version__
-from xnat_inbox.synthetic import Patient, write_session
+from xnat_inbox.commands.synthetic import Patient, write_session
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -15,9 +15,9 @@ from pydicom.tag import Tag
 
 from tests.conftest import checksums
 from tests.daemon_runner import REPO, dicom_destination, wait_for_report, write_config
+from xnat_inbox.commands.synthetic import Patient, SeriesSpec, write_session
 from xnat_inbox.config import ConfigError, load_config
-from xnat_inbox.deidentify import action_for, profile_table, remap_uid
-from xnat_inbox.synthetic import Patient, SeriesSpec, write_session
+from xnat_inbox.routing.deidentify import action_for, profile_table, remap_uid
 
 pytestmark = pytest.mark.deid
 

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import checksums
 from tests.daemon_runner import DaemonProcess, dicom_destination, wait_for_report, write_config
 from tests.test_faults import PATIENT_RETRY, PATIENT_ROUTE
-from xnat_inbox.synthetic import SeriesSpec, write_session
+from xnat_inbox.commands.synthetic import SeriesSpec, write_session
 
 pytestmark = pytest.mark.faults
 

@@ -12,7 +12,7 @@ from pydicom import dcmread
 
 from tests.conftest import checksums
 from tests.daemon_runner import dicom_destination, reports, wait_for_report, write_config
-from xnat_inbox.synthetic import Patient, SeriesSpec, write_session
+from xnat_inbox.commands.synthetic import Patient, SeriesSpec, write_session
 
 pytestmark = pytest.mark.e2e
 

@@ -13,11 +13,12 @@ from pynetdicom import AllStoragePresentationContexts
 
 from tests.daemon_runner import dicom_destination, wait_for_report, write_config
 from tests.test_e2e_cstore import ROUTE, copy_in
+from xnat_inbox.commands.synthetic import SeriesSpec, write_session
 from xnat_inbox.config import DicomDestination
-from xnat_inbox.route import Labels, RoutedStudy
-from xnat_inbox.scan import scan_drop
-from xnat_inbox.senders.dicom import MAX_CONTEXTS, DicomSender
-from xnat_inbox.synthetic import SeriesSpec, write_session
+from xnat_inbox.reading.scan import scan_drop
+from xnat_inbox.routing.route import Labels, RoutedStudy
+from xnat_inbox.senders.dicom.contexts import MAX_CONTEXTS
+from xnat_inbox.senders.dicom.sender import DicomSender
 
 pytestmark = pytest.mark.e2e
 

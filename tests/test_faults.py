@@ -26,7 +26,7 @@ from tests.daemon_runner import (
 )
 from tests.peers import StoreSCP
 from tests.test_e2e_cstore import ROUTE
-from xnat_inbox.synthetic import SeriesSpec, write_session
+from xnat_inbox.commands.synthetic import SeriesSpec, write_session
 
 pytestmark = pytest.mark.faults
 

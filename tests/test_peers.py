@@ -34,7 +34,7 @@ from peers import (
     pid_exists,
     port_accepts,
 )
-from xnat_inbox.synthetic import (
+from xnat_inbox.commands.synthetic import (
     DEFAULT_SERIES,
     SeriesSpec,
     write_benchmark_session,

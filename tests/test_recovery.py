@@ -14,12 +14,18 @@ from pydicom import dcmread
 from tests.conftest import checksums
 from tests.daemon_runner import REPO, dicom_destination, wait_for_report, write_config
 from tests.test_e2e_cstore import ROUTE
-from xnat_inbox.claim import claim, claimed_drops
+from xnat_inbox.commands.synthetic import Patient, SeriesSpec, write_session
 from xnat_inbox.config import InboxConfig
-from xnat_inbox.finish import FINISH_FILE, complete_finish, finish, finish_pending, plan_target
-from xnat_inbox.state import State
-from xnat_inbox.synthetic import Patient, SeriesSpec, write_session
-from xnat_inbox.watch import DropRef
+from xnat_inbox.intake.claim import claim, claimed_drops
+from xnat_inbox.intake.watch import DropRef
+from xnat_inbox.outcome.finish import (
+    FINISH_FILE,
+    complete_finish,
+    finish,
+    finish_pending,
+    plan_target,
+)
+from xnat_inbox.service.state import State
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
-from xnat_inbox.claim import ClaimedDrop
+from xnat_inbox.commands.synthetic import Patient, SeriesSpec, write_session
 from xnat_inbox.config import InboxConfig
-from xnat_inbox.headers import plain_instance, pydicom_header
-from xnat_inbox.rawheader import FIRST_WINDOW, has_preamble
-from xnat_inbox.report import DropReport
-from xnat_inbox.scan import scan_drop
-from xnat_inbox.synthetic import Patient, SeriesSpec, write_session
+from xnat_inbox.intake.claim import ClaimedDrop
+from xnat_inbox.outcome.report import DropReport
+from xnat_inbox.reading.headers import plain_instance, pydicom_header
+from xnat_inbox.reading.rawheader import FIRST_WINDOW, has_preamble
+from xnat_inbox.reading.scan import scan_drop
 
 pytestmark = pytest.mark.corpus
 

@@ -14,9 +14,9 @@ from structlog.testing import capture_logs
 from tests.daemon_runner import DaemonProcess, dicom_destination, wait_for_report, write_config
 from tests.peers import StoreSCP, descendants, pid_exists
 from tests.test_e2e_cstore import ROUTE
-from xnat_inbox.scan import scan_drop
-from xnat_inbox.scan_workers import ScanWorkers
-from xnat_inbox.synthetic import SeriesSpec, write_session
+from xnat_inbox.commands.synthetic import SeriesSpec, write_session
+from xnat_inbox.reading.scan import scan_drop
+from xnat_inbox.reading.scan_workers import ScanWorkers
 
 
 def odd_drop(root: Path) -> Path:

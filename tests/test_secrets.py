@@ -10,7 +10,7 @@ import re
 import pytest
 from structlog.testing import capture_logs
 
-from xnat_inbox.cli import build_parser
+from xnat_inbox.commands.cli import build_parser
 from xnat_inbox.logs import configure, get_logger, redact
 from xnat_inbox.secrets import SecretError, read_secret
 

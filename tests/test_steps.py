@@ -13,16 +13,17 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from xnat_inbox.claim import claim, claimed_drops
+from xnat_inbox.commands.synthetic import SUPPORTED_TRANSFER_SYNTAXES, SeriesSpec, write_session
 from xnat_inbox.config import InboxConfig
-from xnat_inbox.rawheader import FIRST_WINDOW, HEADER_WINDOW
-from xnat_inbox.route import Labels, Route, RoutedStudy, RouteError, resolve_route
-from xnat_inbox.scan import Kind, scan_drop
-from xnat_inbox.senders.dicom import association_batches, context_key, outgoing_header
-from xnat_inbox.senders.dicom_splice import routing_splice
-from xnat_inbox.settle import RECHECK_SECONDS, SettleTracker
-from xnat_inbox.synthetic import SUPPORTED_TRANSFER_SYNTAXES, SeriesSpec, write_session
-from xnat_inbox.watch import DropRef, drop_for_path, existing_drops, filesystem_type
+from xnat_inbox.intake.claim import claim, claimed_drops
+from xnat_inbox.intake.settle import RECHECK_SECONDS, SettleTracker
+from xnat_inbox.intake.watch import DropRef, drop_for_path, existing_drops, filesystem_type
+from xnat_inbox.reading.rawheader import FIRST_WINDOW, HEADER_WINDOW
+from xnat_inbox.reading.scan import Kind, scan_drop
+from xnat_inbox.routing.route import Labels, Route, RoutedStudy, RouteError, resolve_route
+from xnat_inbox.senders.dicom.contexts import association_batches, context_key
+from xnat_inbox.senders.dicom.outgoing import outgoing_header
+from xnat_inbox.senders.dicom.splice import routing_splice
 
 
 @pytest.fixture

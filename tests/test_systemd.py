@@ -18,7 +18,7 @@ import yaml
 
 from tests.daemon_runner import DaemonProcess, wait_for_report
 from tests.systemd_support import NotifySocket, drop, events, has, site, status_with, statuses
-from xnat_inbox.notify import Notifier, watchdog_interval
+from xnat_inbox.service.notify import Notifier, watchdog_interval
 
 pytestmark = pytest.mark.systemd
 

@@ -16,7 +16,7 @@ import pytest
 from tests.daemon_runner import DaemonProcess, wait_for_report
 from tests.systemd_support import QUIET, REPO, UNIT, NotifySocket, has, site
 from tests.test_e2e_cstore import copy_in
-from xnat_inbox.synthetic import SeriesSpec, write_session
+from xnat_inbox.commands.synthetic import SeriesSpec, write_session
 
 pytestmark = pytest.mark.systemd
 

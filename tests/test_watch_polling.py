@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_runner import dicom_destination, wait_for_report, write_config
+from xnat_inbox.commands.synthetic import SeriesSpec, write_session
 from xnat_inbox.config import InboxConfig
-from xnat_inbox.polling import changes, take_snapshot
-from xnat_inbox.synthetic import SeriesSpec, write_session
-from xnat_inbox.watch import DropRef, InboxWatcher
+from xnat_inbox.intake.polling import changes, take_snapshot
+from xnat_inbox.intake.watch import DropRef, InboxWatcher
 
 WAIT_S = 20.0  # a deadline for the observer's threads, not a measurement
 

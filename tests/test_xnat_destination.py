@@ -16,11 +16,11 @@ import pytest
 
 from tests.daemon_runner import REPO, DaemonProcess, wait_for_report, write_config
 from tests.fake_xnat import UNASSIGNED, FakeXnat
+from xnat_inbox.commands.synthetic import Patient, write_session
 from xnat_inbox.config import XnatDestination
-from xnat_inbox.route import Labels, RoutedStudy
-from xnat_inbox.scan import scan_drop
-from xnat_inbox.senders.xnat import XnatSender
-from xnat_inbox.synthetic import Patient, write_session
+from xnat_inbox.reading.scan import scan_drop
+from xnat_inbox.routing.route import Labels, RoutedStudy
+from xnat_inbox.senders.xnat.sender import XnatSender
 
 pytestmark = pytest.mark.xnat
 

@@ -13,13 +13,13 @@ import requests
 from pydantic import ValidationError
 
 from tests.test_xnat_destination import secret_file
+from xnat_inbox.commands.retry import status_lines
 from xnat_inbox.config import RouteTemplate, XnatDestination
-from xnat_inbox.retry import status_lines
-from xnat_inbox.senders.xnat_auth import CredentialError, Secret, load_credentials
-from xnat_inbox.senders.xnat_readback import remedy
-from xnat_inbox.senders.xnat_session import is_transient, xnat_message
-from xnat_inbox.senders.zipstream import Counter, Member, StopUpload, zip_chunks
-from xnat_inbox.state import State
+from xnat_inbox.senders.xnat.auth import CredentialError, Secret, load_credentials
+from xnat_inbox.senders.xnat.readback import remedy
+from xnat_inbox.senders.xnat.session import is_transient, xnat_message
+from xnat_inbox.senders.xnat.zipstream import Counter, Member, StopUpload, zip_chunks
+from xnat_inbox.service.state import State
 
 pytestmark = pytest.mark.xnat
 

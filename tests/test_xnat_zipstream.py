@@ -14,13 +14,13 @@ import pytest
 from tests.fake_xnat import FakeXnat
 from tests.fake_xnat.uploads import iter_zip_sequential
 from tests.test_xnat_destination import LABELS, xnat_destination
+from xnat_inbox.commands.synthetic import write_session
 from xnat_inbox.config import XnatDestination
-from xnat_inbox.route import Labels, RoutedStudy
-from xnat_inbox.scan import scan_drop
-from xnat_inbox.senders import zipstream
-from xnat_inbox.senders.xnat import XnatSender
-from xnat_inbox.senders.zipstream import Counter, LocalFileError, Member, zip_chunks
-from xnat_inbox.synthetic import write_session
+from xnat_inbox.reading.scan import scan_drop
+from xnat_inbox.routing.route import Labels, RoutedStudy
+from xnat_inbox.senders.xnat import zipstream
+from xnat_inbox.senders.xnat.sender import XnatSender
+from xnat_inbox.senders.xnat.zipstream import Counter, LocalFileError, Member, zip_chunks
 
 pytestmark = pytest.mark.xnat
 

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..route import RoutedStudy
-from ..scan import Instance
+from ..reading.scan import Instance
+from ..routing.route import RoutedStudy
 
 
 class SendError(Exception):

@@ -1,0 +1,182 @@
+"""The `xnat-inbox` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+
+from .. import __version__
+from ..config import DEFAULT_CONFIG_PATH, ConfigError, SiteConfig, load_config
+from ..logs import configure, default_format
+
+EXAMPLES = """\
+examples:
+  xnat-inbox check                                 validate config and routes, C-ECHO, XNAT login
+  xnat-inbox explain /srv/inbox/scanner/MR_0042    how a folder would be grouped and routed
+  xnat-inbox --config ./config.yaml run            watch the inboxes (what systemd runs)
+  xnat-inbox status                                waiting, sending, failed today, health
+  xnat-inbox retry /srv/inbox/scanner/failed/2026-11-25/MR_0042   put a failed drop back
+  xnat-inbox demo                                  a local receiver, an inbox, a real drop
+
+exit codes: 0 success, 1 a check or delivery failed, 2 unusable config or arguments
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xnat-inbox",
+        description="Watch inboxes for DICOM drops and deliver them to XNAT by C-STORE or REST.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"xnat-inbox {__version__}")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
+                        help=f"site config file (default {DEFAULT_CONFIG_PATH})")
+    parser.add_argument("--log-format", choices=("console", "json", "journal"),
+                        help="console lines for a terminal, JSON lines for files, or fields to "
+                        "the systemd journal (the default when run by systemd)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("run", help="watch the inboxes and deliver drops until stopped")
+    commands.add_parser("check", help="validate the config and every route.yaml; "
+                        "C-ECHO each DICOM destination, log in to each XNAT one")
+    explain = commands.add_parser("explain", help="show how a folder would be grouped, labelled, "
+                                  "filtered and where it would go; sends nothing")
+    explain.add_argument("path", type=Path, help="a drop folder, in an inbox or anywhere")
+    explain.add_argument("--inbox", type=Path, metavar="FOLDER",
+                         help="evaluate PATH as if copied into FOLDER (an inbox or a routing "
+                         "folder in one); default: where PATH is")
+    explain.add_argument("--show-phi", action="store_true",
+                         help="show labels derived from patient data instead of [PHI]")
+    status = commands.add_parser("status", help="drops waiting, sending (with progress), failed "
+                                 "today, and destinations' health")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    retry = commands.add_parser("retry", help="put drops from failed/ back in line; studies "
+                                "their report shows as delivered are skipped")
+    retry.add_argument("paths", type=Path, nargs="+", metavar="PATH",
+                       help="a drop folder in failed/YYYY-MM-DD/")
+    retry.add_argument("--all", action="store_true", help="send delivered studies again too")
+    lookup = commands.add_parser(
+        "lookup", help="PHI-BEARING: map de-identified UIDs/PatientIDs to the originals (and "
+        "back) from the state database; for authorised staff only", description="PHI-BEARING "
+        "COMMAND: prints original patient identifiers and UIDs. Run it only when authorised "
+        "to re-identify; its output is not masked.")
+    lookup.add_argument("values", nargs="+", metavar="VALUE",
+                        help="a UID or PatientID, original or de-identified")
+    demo = commands.add_parser("demo", help="generate a synthetic MR session and deliver it to an "
+                               "embedded receiver on 127.0.0.1")
+    demo.add_argument("--dir", type=Path, default=Path("demo-run"),
+                      help="working folder for the demo (default ./demo-run, emptied first)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args.dir)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"xnat-inbox: the site config is unusable:\n{exc}", file=sys.stderr)
+        return 2
+    configure(args.log_format or default_format(), config.log_phi)
+    if args.command == "run":
+        return run(config)
+    if args.command == "lookup":
+        return lookup(config, args.values)
+    if args.command in ("status", "retry"):
+        return status_or_retry(config, args)
+    if args.command == "check":
+        from .explain import check
+
+        lines, ok = check(config)
+        print("\n".join(lines))
+        return 0 if ok else 1
+    from .explain import explain
+
+    if not args.path.is_dir():
+        print(f"xnat-inbox explain: {args.path} is not a folder", file=sys.stderr)
+        return 2
+    for line in explain(config, args.path, args.show_phi, args.inbox):
+        print(line)
+    return 0
+
+
+def run(config: SiteConfig) -> int:
+    from ..service.daemon import Daemon, StartupError
+
+    stop = threading.Event()
+    try:
+        daemon = Daemon(config, stop)
+    except OSError as exc:
+        print(f"xnat-inbox: cannot start: state_dir {config.state_dir}: {exc.strerror}",
+              file=sys.stderr)
+        return 2
+
+    def request_stop(signum: int, _: FrameType | None) -> None:
+        stop.set()
+
+    def request_reload(signum: int, _: FrameType | None) -> None:
+        daemon.reload_requested.set()  # the main loop reloads: not in a signal handler
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_reload)
+    try:
+        daemon.run()
+    except StartupError as exc:
+        print(f"xnat-inbox: cannot start: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def lookup(config: SiteConfig, values: list[str]) -> int:
+    """Print the de-identification map's rows for each value (PHI: never logged)."""
+    from ..service.state import State
+
+    state = State(config.state_dir)
+    try:
+        code = 0
+        for value in values:
+            rows = state.deid_lookup(value)
+            if not rows:
+                print(f"{value}: not in the de-identification map", file=sys.stderr)
+                code = 1
+            for kind, original, replacement in rows:
+                print(f"{kind}\t{original}\t{replacement}")
+        return code
+    finally:
+        state.close()
+
+
+def status_or_retry(config: SiteConfig, args: argparse.Namespace) -> int:
+    from ..service.state import State
+    from .retry import RetryError, requeue, status_lines
+
+    state = State(config.state_dir)
+    try:
+        if args.command == "status":
+            summary = state.summary(datetime.now().astimezone().date().isoformat())
+            print(json.dumps(summary, indent=2) if args.json else "\n".join(status_lines(summary)))
+            return 0
+        code = 0
+        for path in args.paths:
+            try:
+                print(requeue(config, state, path, args.all))
+            except (RetryError, OSError) as exc:
+                print(f"xnat-inbox retry: {exc}", file=sys.stderr)
+                code = 1
+        return code
+    finally:
+        state.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

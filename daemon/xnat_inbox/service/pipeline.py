@@ -1,0 +1,255 @@
+"""One claimed drop through the flow: scan+group → route → send → verify → finish.
+
+One call is one attempt. Instances a destination acknowledged are recorded as they are
+acknowledged, so a later attempt (after a transient failure, a SIGTERM or a crash) sends only
+what is missing. A transient failure leaves the drop in the work area for the caller to retry.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+from structlog.stdlib import BoundLogger
+
+from ..config import SiteConfig
+from ..intake.claim import ClaimedDrop
+from ..intake.watch import is_archive_name
+from ..logs import drop_log, get_logger, phi_pattern, phi_scope
+from ..outcome.finish import FinishError, complete_finish, finish, finish_pending, plan_target
+from ..outcome.report import DropReport, StudyResult
+from ..outcome.verify import verify_delivery
+from ..reading.scan import Instance, Kind, ScanResult
+from ..reading.scan_workers import ScanWorkers
+from ..reading.unpack import UnpackError, unpack
+from ..routing.deidentify import prepare as deidentify
+from ..routing.route import Route, RoutedStudy, RouteError, resolve_route, route_study
+from ..senders.base import Delivery, InstanceOutcome, Sender
+from ..senders.registry import make_sender
+from .state import Memo, State
+
+#: called with (drop id, instances done, instances to send) as a study is sent
+Progress = Callable[[str, int, int], None]
+
+
+class TransientFailure(Exception):
+    """Not delivered yet, but worth another attempt; the drop stays in the work area."""
+
+
+class Interrupted(Exception):
+    """Stopped on request mid-send; the drop stays in the work area and resumes later."""
+
+
+class Pipeline:
+    def __init__(self, config: SiteConfig, state: State, progress: Progress | None = None,
+                 stop: threading.Event | None = None,
+                 phi_by_drop: dict[str, re.Pattern[str] | None] | None = None,
+                 scans: ScanWorkers | None = None) -> None:
+        self.config = config
+        self.state = state
+        self.progress = progress
+        self.stop = stop or threading.Event()
+        # each drop's PHI values, so what the service shows of a drop (STATUS=) can mask them
+        self.phi_by_drop = {} if phi_by_drop is None else phi_by_drop
+        # the daemon's worker processes; alone (tests, `explain`), the scan runs in-process
+        self.scans = scans or ScanWorkers(0)
+        self._senders: dict[str, Sender] = {}
+        self._lock = threading.Lock()
+
+    def sender(self, name: str) -> Sender:
+        with self._lock:
+            if name not in self._senders:
+                self._senders[name] = make_sender(name, self.config.destinations[name],
+                                                  Memo(self.state, f"sender {name}"))
+            return self._senders[name]
+
+    def destination_of(self, drop: ClaimedDrop) -> str | None:
+        """The destination the drop's route names, or None when it has no usable route."""
+        route = self._route(drop)
+        return route.destination if isinstance(route, Route) else None
+
+    def process(self, drop: ClaimedDrop, give_up: str | None = None) -> Path:
+        """One attempt: deliver what is missing and finish, or raise TransientFailure /
+        Interrupted leaving the drop in place. With `give_up`, send nothing and finish as
+        failed with that reason."""
+        if finish_pending(drop):  # decided and recorded earlier; only the move is left to do
+            try:
+                target = complete_finish(drop)
+            except FinishError as exc:
+                raise TransientFailure(str(exc)) from None
+            self.state.drop_stage(drop.id, "finished", target=str(target))
+            get_logger(drop=drop.relative_origin).info("completed an interrupted finish",
+                                                       stage="finish", moved_to=str(target))
+            return target
+        with drop_log() as lines:
+            log = get_logger(drop=drop.relative_origin, drop_id=drop.id)
+            report = DropReport(drop)
+            started = time.monotonic()
+            route = self._route(drop)  # once per attempt: it reads every route.yaml above
+            attempt = self.state.start_attempt(
+                drop.id, route.destination if isinstance(route, Route) else None)
+            try:
+                report.scan = scan = self._scan(drop, report)
+            except OSError as exc:  # a full disk while unpacking: worth another try
+                self.state.end_attempt(drop.id, attempt, "TransientFailure", str(exc))
+                log.error("cannot unpack", stage="scan", reason=str(exc))
+                raise TransientFailure(f"cannot unpack {drop.name}: {exc.strerror}; "
+                                       "retried once there is space") from None
+            report.timings["scan_seconds"] = time.monotonic() - started
+            phi = self.phi_by_drop[drop.id] = phi_pattern(scan.phi)
+            with phi_scope(phi):
+                log.info("scanned", stage="scan", files=len(scan.files), studies=len(scan.studies),
+                         **scan.counts())
+                try:
+                    self._deliver(drop, report, log, give_up, route)
+                except (TransientFailure, Interrupted) as exc:
+                    self.state.end_attempt(drop.id, attempt, type(exc).__name__, str(exc))
+                    raise
+                except Exception as exc:  # a bug must fail the drop, not lose it
+                    log.exception("internal error", stage="send")
+                    report.reasons.append(f"internal error ({type(exc).__name__}: {exc}); the "
+                                          "originals are kept; please report this")
+                report.timings["total_seconds"] = time.monotonic() - started
+                return self._finish(drop, report, attempt, lines, log, phi)
+
+    def _route(self, drop: ClaimedDrop) -> Route | RouteError:
+        try:
+            return resolve_route(drop, set(self.config.destinations))
+        except RouteError as exc:
+            return exc
+
+    def _scan(self, drop: ClaimedDrop, report: DropReport) -> ScanResult:
+        root = drop.path
+        if drop.path.is_file() and is_archive_name(drop.name):
+            try:
+                root = unpack(drop, drop.inbox.archives)
+            except UnpackError as exc:
+                report.reasons.append(str(exc))
+                return ScanResult(drop.path, [], {}, set())
+        return self.scans.scan(root, drop.inbox.ready_marker)
+
+    def _finish(self, drop: ClaimedDrop, report: DropReport, attempt: int, lines: list[str],
+                log: BoundLogger, phi: re.Pattern[str] | None) -> Path:
+        outcome = "done" if report.ok else "failed"
+        reasons = report.all_reasons()
+        self.state.end_attempt(drop.id, attempt, outcome, "; ".join(reasons))
+        report.attempts = [a.as_dict() for a in self.state.attempts(drop.id)]
+        finished = datetime.now().astimezone()
+        try:
+            target = plan_target(drop, report.ok, finished)
+            log.info("finished", stage="finish", outcome=outcome, moved_to=str(target),
+                     reasons=reasons)
+            finish(drop, target, report.to_dict(finished, phi), lines)
+        except FinishError as exc:  # e.g. done/ is full: everything is kept, try again later
+            log.error("cannot finish", stage="finish", reason=str(exc))
+            raise TransientFailure(str(exc)) from None
+        self.state.drop_stage(drop.id, "finished", outcome=outcome, target=str(target))
+        return target
+
+    def _deliver(self, drop: ClaimedDrop, report: DropReport, log: BoundLogger,
+                 give_up: str | None, route: Route | RouteError) -> None:
+        scan = report.scan
+        assert scan is not None
+        if isinstance(route, RouteError):
+            report.reasons.append(str(route))
+            log.error("no route", stage="route", reason=str(route))
+            return
+        report.route = route
+        if not route.template.ignore_unparsable and (bad := scan.of_kind(Kind.NOT_DICOM,
+                                                                         Kind.UNREADABLE)):
+            names = ", ".join(entry.rel for entry in bad[:5])
+            report.reasons.append(f"{len(bad)} file(s) are not usable DICOM ({names}) and the "
+                                  "route sets ignore_unparsable: false; remove them or allow it")
+        if not scan.studies and not report.reasons:
+            report.reasons.append("no DICOM files in this drop")
+        if report.reasons:
+            log.error("drop refused", stage="route", reasons=report.reasons)
+            return
+        if give_up:
+            report.reasons.append(give_up)
+        skip = set(self.state.skip_studies(drop.id))
+        for study in scan.studies.values():
+            result = StudyResult(route_study(study, route, drop))
+            deidentify(result.routed, drop, self.config.deid_secret_file,
+                       self.state.record_deid_map, log)
+            report.studies.append(result)
+            if study.uid in skip:
+                result.delivered_earlier = True
+                continue
+            self._send(drop, result, log, give_up)
+        retry = [r for r in report.studies if r.verdict and r.verdict.transient]
+        if retry and not give_up and not any(r.blocked for r in report.studies):
+            raise TransientFailure("; ".join(reason for r in retry for reason in r.reasons))
+        if broken := scan.of_kind(Kind.UNREADABLE):
+            # readable studies were sent; the drop still fails so a person sees the rest
+            names = ", ".join(f"{entry.rel} ({entry.reason})" for entry in broken[:5])
+            report.reasons.append(f"{len(broken)} file(s) look like DICOM but can't be used: "
+                                  f"{names}; fix or remove them, then `xnat-inbox retry`")
+
+    def _send(self, drop: ClaimedDrop, result: StudyResult, log: BoundLogger,
+              give_up: str | None) -> None:
+        routed = result.routed
+        log.info("routed", stage="route", study=routed.study.uid, destination=routed.destination,
+                 labels=routed.routing_value or None, series=len(routed.included),
+                 excluded=len(routed.excluded), problems=routed.problems)
+        if routed.problems or not routed.included:
+            return
+        earlier = self._acknowledged(drop, routed)
+        pending = [i for i in routed.instances if i.sop_instance_uid not in earlier]
+        self.state.drop_stage(drop.id, "sending", destination=routed.destination,
+                              total=len(routed.instances))
+        if pending and not give_up:
+            delivery = self._send_pending(drop, routed, pending, len(earlier))
+        else:
+            delivery = Delivery(routed.destination)
+        delivery.outcomes.update(earlier)
+        result.delivery = delivery
+        result.verdict = verdict = verify_delivery(routed, delivery)
+        log.info("sent", stage="send", study=routed.study.uid, destination=routed.destination,
+                 stored=delivery.stored, of=len(routed.instances), earlier=len(earlier),
+                 seconds=round(delivery.seconds, 2), error=delivery.error)
+        if delivery.interrupted:
+            raise Interrupted(f"stopped after {delivery.stored} of {len(routed.instances)} "
+                              "instance(s); resumes at the next start")
+        log.info("verified", stage="verify", study=routed.study.uid,
+                 delivered=verdict.delivered, retry=verdict.transient, reasons=verdict.reasons)
+
+    def _acknowledged(self, drop: ClaimedDrop, routed: RoutedStudy) -> dict[str, InstanceOutcome]:
+        rows = self.state.acknowledged(drop.id, routed.destination)
+        return {sop: InstanceOutcome(True, status, note) for sop, (status, note) in rows.items()}
+
+    def _send_pending(self, drop: ClaimedDrop, routed: RoutedStudy, pending: list[Instance],
+                      done_before: int) -> Delivery:
+        total, done = len(routed.instances), done_before
+
+        def on_instance(instance: Instance, outcome: InstanceOutcome) -> None:
+            nonlocal done
+            self.state.record_instance(drop.id, routed.destination, routed.study.uid,
+                                       instance.sop_instance_uid, outcome.stored,
+                                       outcome.status, outcome.note)
+            done += 1
+            if self.progress:
+                self.progress(drop.id, done, total)
+
+        def on_progress(files: int, sent_bytes: int) -> None:
+            # REST uploads acknowledge a study only at its end: show files as they go out
+            self.state.record_progress(drop.id, routed.destination, routed.study.uid, files,
+                                       sent_bytes)
+            if self.progress:
+                self.progress(drop.id, done_before + files, total)
+
+        return self.sender(routed.destination).send(routed, pending, on_instance,
+                                                    self.stop.is_set, on_progress=on_progress)
+
+    def close(self) -> None:
+        """Let every sender end its sessions (e.g. log out of XNAT)."""
+        with self._lock:
+            senders, self._senders = list(self._senders.values()), {}
+        for sender in senders:
+            close = getattr(sender, "close", None)
+            if close:
+                close()
