@@ -10,7 +10,7 @@ import pytest
 from tests.daemon_runner import DaemonProcess
 from tests.peers import InProcessSCP, Orthanc, StoreSCP
 
-pytest_plugins = ["tests.systemd_support"]  # the systemd tests' fixtures
+pytest_plugins = ["tests.systemd_support", "tests.security_support"]  # their fixtures
 
 
 @pytest.fixture(autouse=True)
