@@ -23,6 +23,10 @@ from .yamlfile import ConfigError, load_yaml, validate
 
 DEFAULT_CONFIG_PATH = Path("/etc/xnat-inbox/config.yaml")
 ROUTE_FILE = "route.yaml"
+#: a route is a few hundred bytes, written by any inbox user: larger ones are refused unread
+ROUTE_MAX_BYTES = 64 * 1024
+#: the site config, written by the admin, may be longer (many inboxes) and use aliases
+CONFIG_MAX_BYTES = 1024 * 1024
 LABEL_KEYS = ("project", "subject", "session")
 
 #: 1-16 printable ASCII characters, no backslash, not only spaces
@@ -276,7 +280,8 @@ class SiteConfig(Strict):
 
 def load_config(path: Path) -> SiteConfig:
     """Read and validate the site config; raises ConfigError naming file, line and key."""
-    data, lines = load_yaml(path)
+    # the admin's file: anchors and aliases may share settings between inboxes (bounded)
+    data, lines = load_yaml(path, max_bytes=CONFIG_MAX_BYTES, allow_aliases=True)
     names = data.get("destinations") if isinstance(data, dict) else None
     context = {"destinations": set(names) if isinstance(names, dict) else None}
     config = validate(SiteConfig, data, path, lines, context)
@@ -285,16 +290,19 @@ def load_config(path: Path) -> SiteConfig:
 
 def load_route(path: Path, destinations: set[str] | None,
                content: bytes | None = None) -> RouteTemplate:
-    """Read one route.yaml (or parse its `content`, already read); `destinations` are the
-    names its `destination` may take."""
-    data, lines = load_yaml(path, content)
+    """Read one route.yaml (or parse its `content`, already read: at most ROUTE_MAX_BYTES of
+    it, see yamlfile.read_limited); `destinations` are the names its `destination` may take.
+    Any inbox user may write one: no anchors or aliases, and at most ROUTE_MAX_BYTES."""
+    data, lines = load_yaml(path, content, max_bytes=ROUTE_MAX_BYTES, allow_aliases=False)
     return validate(RouteTemplate, data, path, lines, {"destinations": destinations})
 
 
 __all__ = [
+    "CONFIG_MAX_BYTES",
     "DEFAULT_CONFIG_PATH",
     "LABEL_KEYS",
     "ROUTE_FILE",
+    "ROUTE_MAX_BYTES",
     "ArchiveLimits",
     "ConfigError",
     "Destination",
