@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -18,6 +18,7 @@ from pydantic import (
 )
 from pydicom.datadict import keyword_dict
 
+from .patterns import PatternError, UserPattern
 from .templates import Template, TemplateError
 from .yamlfile import ConfigError, load_yaml, validate
 
@@ -106,27 +107,34 @@ class XnatDestination(Strict):
 Destination = Annotated[DicomDestination | XnatDestination, Field(discriminator="type")]
 
 
+def _user_pattern(value: Any) -> Any:
+    if isinstance(value, UserPattern):
+        return value
+    try:
+        return UserPattern.compile(str(value))
+    except PatternError as exc:
+        raise ValueError(str(exc)) from None
+
+
+#: a regular expression from a route file, run by RE2 (linear time: see patterns.py)
+Pattern = Annotated[UserPattern, BeforeValidator(_user_pattern)]
+
+
 class SeriesFilter(Strict):
     """Regular expressions over series attributes (XNAT's "Series Import Filters")."""
 
-    include: dict[str, re.Pattern[str]] = {}
-    exclude: dict[str, re.Pattern[str]] = {}
+    include: dict[str, Pattern] = {}
+    exclude: dict[str, Pattern] = {}
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     @field_validator("include", "exclude", mode="before")
     @classmethod
-    def _compile(cls, value: Any) -> Any:
-        if not isinstance(value, dict):
-            return value
-        compiled = {}
-        for keyword, pattern in value.items():
+    def _keywords(cls, value: Any) -> Any:
+        for keyword in value if isinstance(value, dict) else ():
             if keyword not in keyword_dict:
                 raise ValueError(f"{keyword!r} is not a DICOM keyword (e.g. SeriesDescription)")
-            try:
-                compiled[keyword] = re.compile(str(pattern))
-            except re.error as exc:
-                raise ValueError(
-                    f"{keyword}: invalid regular expression {pattern!r}: {exc}") from None
-        return compiled
+        return value
 
 
 class RouteTemplate(Strict):
@@ -147,7 +155,7 @@ class RouteTemplate(Strict):
     label_source: Literal["original", "deidentified"] | None = None
     phi_guard: Literal["reject", "warn", "off"] | None = None
     phi_allow: list[str] | None = None  # keywords (or "private") the guard lets through
-    phi_allow_patient_name: re.Pattern[str] | None = None  # an allowed PatientName pattern
+    phi_allow_patient_name: Pattern | None = None  # an allowed PatientName pattern
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
