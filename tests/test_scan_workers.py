@@ -1,10 +1,12 @@
 """Scans in worker processes: the same result as in the daemon's own process, a worker that
-dies costs only time, and no worker outlives the daemon (SIGTERM or kill -9)."""
+dies between drops costs only time, one that dies reading a drop is that drop's loss, and no
+worker outlives the daemon (SIGTERM or kill -9)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from tests.peers import StoreSCP, descendants, pid_exists
 from tests.test_e2e_cstore import ROUTE
 from xnat_inbox.commands.synthetic import SeriesSpec, write_session
 from xnat_inbox.reading.scan import scan_drop
-from xnat_inbox.reading.scan_workers import ScanWorkers
+from xnat_inbox.reading.scan_workers import ReadJob, ScanWorkers, WorkerLost
 
 
 def odd_drop(root: Path) -> Path:
@@ -51,23 +53,61 @@ def test_a_worker_scans_exactly_what_the_daemon_itself_scans(tmp_path):
 
 
 @pytest.mark.faults
-def test_a_scan_worker_that_dies_costs_only_time(tmp_path):
+def test_a_scan_worker_that_dies_idle_costs_only_time(tmp_path):
     root = odd_drop(tmp_path / "drop")
     expected = scan_drop(root)
     workers = ScanWorkers(1)
     try:
         assert workers.scan(root) == expected
         [first] = workers.pids()
-        os.kill(first, signal.SIGKILL)  # e.g. the OOM killer
+        os.kill(first, signal.SIGKILL)  # e.g. the OOM killer, between two drops
         assert wait_gone({first}) == set()
         with capture_logs() as events:
-            assert workers.scan(root) == expected  # in the daemon's own process this time
-        [warning] = [e for e in events if e["log_level"] == "warning"]
-        assert "scan worker process died" in warning["event"] and warning["root"] == str(root)
-        assert workers.scan(root) == expected  # and new workers for the next drops
+            assert workers.scan(root) == expected  # a new worker: not this drop's doing
+        assert not [e for e in events if e["log_level"] == "warning"]
         assert workers.pids() and first not in workers.pids()
     finally:
         workers.close()
+
+
+@pytest.mark.faults
+def test_a_worker_killed_reading_a_drop_is_that_drops_loss_and_never_read_here(tmp_path):
+    """The drop that was being read is named (WorkerLost, with the signal); it is not read
+    again in the calling process, where a bomb would cost the daemon."""
+    root = tmp_path / "drop"
+    root.mkdir()
+    with open(root / "zeros.dcm", "wb") as sparse:  # pydicom walks 8-byte elements for hours
+        sparse.truncate(10 * 2**30)
+    workers = ScanWorkers(1)
+    lost: list[BaseException] = []
+    reading = threading.Thread(target=lambda: _read_into(workers, root, lost))
+    try:
+        reading.start()
+        pid = _worker_pid(workers)
+        os.kill(pid, signal.SIGKILL)
+        reading.join(30)
+        assert not reading.is_alive()
+        [error] = lost
+        assert isinstance(error, WorkerLost)
+        assert "killed by signal 9 (SIGKILL)" in str(error)
+    finally:
+        workers.close()
+        reading.join(30)
+
+
+def _read_into(workers: ScanWorkers, root: Path, outcome: list[BaseException]) -> None:
+    try:
+        workers.read(ReadJob(root))
+    except BaseException as exc:
+        outcome.append(exc)
+
+
+def _worker_pid(workers: ScanWorkers, timeout: float = 30) -> int:
+    deadline = time.monotonic() + timeout
+    while not (pids := workers.pids()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pids, "no scan worker started"
+    return pids[0]
 
 
 @pytest.mark.faults

@@ -28,6 +28,8 @@ ROUTE_FILE = "route.yaml"
 ROUTE_MAX_BYTES = 64 * 1024
 #: the site config, written by the admin, may be longer (many inboxes) and use aliases
 CONFIG_MAX_BYTES = 1024 * 1024
+#: the least scan_memory_limit a worker can start with (it maps ~200 MiB before reading)
+MIN_SCAN_MEMORY = 512 * 2**20
 LABEL_KEYS = ("project", "subject", "session")
 
 #: 1-16 printable ASCII characters, no backslash, not only spaces
@@ -254,8 +256,14 @@ class SiteConfig(Strict):
     log_phi: bool = False
     #: a drop with no progress for this long means a stuck worker: systemd's watchdog restarts us
     hung_worker_seconds: float = Field(900.0, ge=0, description="0: never")
-    #: processes that read drops' headers beside the daemon (see scan_workers); 0: in its own
+    #: processes that unpack drops and read their headers beside the daemon (see
+    #: scan_workers); 0: in its own, where a hostile drop costs the daemon, not a worker
     scan_processes: int = Field(2, ge=0, le=32)
+    #: each scan worker's address space (RLIMIT_AS) in bytes: a bomb costs a worker; 0: none
+    scan_memory_limit: int = Field(2 * 2**30, description="bytes; 0: no limit")
+    #: a worker reading one drop for longer is stopped (the drop is set aside after a few);
+    #: keep it below hung_worker_seconds, or the watchdog restarts the daemon first
+    scan_timeout: float = Field(600.0, ge=0, description="seconds; 0: no limit")
     destinations: dict[str, Destination] = Field(min_length=1)
     inboxes: list[InboxConfig] = Field(min_length=1)
     #: the site secret that keys de-identification's UID remapping (a file or a credential name)
@@ -271,6 +279,15 @@ class SiteConfig(Strict):
                     raise ValueError(
                         f"inboxes[{i}].path {path} lies inside inboxes[{j}].path {other}")
         return self
+
+    @field_validator("scan_memory_limit")
+    @classmethod
+    def _room_to_read(cls, value: int) -> int:
+        if value and value < MIN_SCAN_MEMORY:
+            raise ValueError(f"expected 0 (no limit) or at least {MIN_SCAN_MEMORY} bytes: a scan "
+                             "worker needs about 200 MiB of address space before it reads a "
+                             "byte; the default is 2147483648 (2 GiB)")
+        return value
 
     @model_validator(mode="after")
     def _deid_has_secret(self) -> SiteConfig:

@@ -78,9 +78,9 @@ class Daemon:
         self.log = get_logger(step="service")
         self.state = State(config.state_dir)
         self.tracker = SettleTracker(lambda ref: self.config.settle_for(ref.inbox))
-        self.scans = ScanWorkers(config.scan_processes)
+        self.scans = ScanWorkers(config.scan_processes, config.scan_memory_limit)
         self.pipeline = Pipeline(config, self.state, self._on_progress, self.stop,
-                                 scans=self.scans)
+                                 scans=self.scans, reading=self._on_reading)
         # pipelines replaced by a reload, closed once no drop in flight uses them any more
         self.retired: list[Pipeline] = []
         self.pipeline_of: dict[str, Pipeline] = {}  # drop id -> the pipeline of its attempts
@@ -217,7 +217,8 @@ class Daemon:
                     self.tracker.forget(ref)
         self.config = new
         self.replace_pipeline(Pipeline(new, self.state, self.pipeline.progress, self.stop,
-                                       self.pipeline.phi_by_drop, self.scans))
+                                       self.pipeline.phi_by_drop, self.scans,
+                                       self.pipeline.reading))
         set_log_phi(new.log_phi)
         for inbox in changes.watch:
             self.watch_inbox(inbox)
@@ -353,6 +354,9 @@ class Daemon:
         self.progress[drop_id] = (done, total)
         self.last_activity[drop_id] = time.monotonic()
 
+    def _on_reading(self, drop_id: str) -> None:
+        self.last_activity[drop_id] = time.monotonic()
+
     def busy(self) -> bool:
         """Drops settling or in flight: tick often (claims, STATUS progress, stuck workers)."""
         return bool(self.drops) or bool(self.tracker.pending())
@@ -367,6 +371,9 @@ class Daemon:
             lane.wake()
         for watcher in self.watchers:
             watcher.stop()
+        # a read under way is given up (its drop is read again at the next start): as soon as
+        # we stop, so it is never taken for a crash of its worker
+        self.scans.close()
         # a lane stops between two instances: at most one C-STORE is awaited
         destinations = self.config.destinations.values()
         longest = max((getattr(d, "dimse_timeout", 30.0) for d in destinations), default=30.0)
@@ -374,6 +381,5 @@ class Daemon:
             lane.join(timeout=longest + 5)
         for pipeline in [*self.retired, self.pipeline]:
             pipeline.close()  # e.g. log out of XNAT
-        self.scans.close()
         self.state.close()
         self.log.info("stopped")

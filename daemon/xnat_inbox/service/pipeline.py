@@ -24,8 +24,8 @@ from ..outcome.finish import FinishError, complete_finish, finish, finish_pendin
 from ..outcome.report import DropReport, StudyResult
 from ..outcome.verify import verify_delivery
 from ..reading.scan import Instance, Kind, ScanResult
-from ..reading.scan_workers import ScanWorkers
-from ..reading.unpack import UnpackError, unpack
+from ..reading.scan_workers import NoWorker, ReadCancelled, ReadJob, ScanWorkers, WorkerLost
+from ..reading.unpack import UNPACKED, UnpackError
 from ..routing.deidentify import prepare as deidentify
 from ..routing.route import Route, RoutedStudy, RouteError, resolve_route, route_study
 from ..senders.base import Delivery, InstanceOutcome, Sender
@@ -34,6 +34,9 @@ from .state import Memo, State
 
 #: called with (drop id, instances done, instances to send) as a study is sent
 Progress = Callable[[str, int, int], None]
+#: reads of one drop that may cost a scan worker (or the daemon) its life before the drop is
+#: set aside unread; counted in the state database, so restarts don't reset them
+READ_FAILURES_ALLOWED = 3
 
 
 class TransientFailure(Exception):
@@ -44,11 +47,19 @@ class Interrupted(Exception):
     """Stopped on request mid-send; the drop stays in the work area and resumes later."""
 
 
+def set_aside(failures: list[str]) -> str:
+    reasons = "; ".join(dict.fromkeys(failures))  # each reason once, in the order they came
+    return (f"reading this drop crashed a scan worker {len(failures)} times ({reasons}); set "
+            "aside unread: look for an archive or file built to blow up a reader, then "
+            "`xnat-inbox retry` it")
+
+
 class Pipeline:
     def __init__(self, config: SiteConfig, state: State, progress: Progress | None = None,
                  stop: threading.Event | None = None,
                  phi_by_drop: dict[str, re.Pattern[str] | None] | None = None,
-                 scans: ScanWorkers | None = None) -> None:
+                 scans: ScanWorkers | None = None,
+                 reading: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.state = state
         self.progress = progress
@@ -57,6 +68,9 @@ class Pipeline:
         self.phi_by_drop = {} if phi_by_drop is None else phi_by_drop
         # the daemon's worker processes; alone (tests, `explain`), the scan runs in-process
         self.scans = scans or ScanWorkers(0)
+        # called with a drop's id as each read of it starts: a read has a time limit of its own
+        # (scan_timeout), so reading again after a lost worker is progress, not a stuck drop
+        self.reading = reading
         self._senders: dict[str, Sender] = {}
         self._lock = threading.Lock()
 
@@ -93,12 +107,10 @@ class Pipeline:
             attempt = self.state.start_attempt(
                 drop.id, route.destination if isinstance(route, Route) else None)
             try:
-                report.scan = scan = self._scan(drop, report)
-            except OSError as exc:  # a full disk while unpacking: worth another try
-                self.state.end_attempt(drop.id, attempt, "TransientFailure", str(exc))
-                log.error("cannot unpack", stage="scan", reason=str(exc))
-                raise TransientFailure(f"cannot unpack {drop.name}: {exc.strerror}; "
-                                       "retried once there is space") from None
+                report.scan = scan = self._scan(drop, report, log)
+            except (TransientFailure, Interrupted) as exc:
+                self.state.end_attempt(drop.id, attempt, type(exc).__name__, str(exc))
+                raise
             report.timings["scan_seconds"] = time.monotonic() - started
             phi = self.phi_by_drop[drop.id] = phi_pattern(scan.phi)
             with phi_scope(phi):
@@ -122,15 +134,55 @@ class Pipeline:
         except RouteError as exc:
             return exc
 
-    def _scan(self, drop: ClaimedDrop, report: DropReport) -> ScanResult:
-        root = drop.path
-        if drop.path.is_file() and is_archive_name(drop.name):
+    def _scan(self, drop: ClaimedDrop, report: DropReport, log: BoundLogger) -> ScanResult:
+        """The drop unpacked (archives) and scanned in a scan worker; an empty scan and a reason
+        in the report when it can't be: a refused archive, or a drop whose reading cost a
+        worker its life READ_FAILURES_ALLOWED times."""
+        archive = drop.path.is_file() and is_archive_name(drop.name)
+        job = ReadJob(drop.path, drop.area / UNPACKED if archive else None,
+                      drop.inbox.archives, drop.inbox.ready_marker)
+        failures = self.state.start_reading(drop.id)
+        try:
+            scan = self._read(drop, job, failures, log)
+        except (UnpackError, ReadCancelled, NoWorker, OSError) as exc:
+            self.state.end_reading(drop.id)
+            report.reasons.append(self._unread(drop, exc, log))
+            return ScanResult(drop.path, [], {}, set())
+        # any other exception leaves the read begun: if it crashed the daemon's own process
+        # (scan_processes: 0), the next read counts it among the failures
+        self.state.end_reading(drop.id)
+        if isinstance(scan, list):
+            report.reasons.append(set_aside(scan))
+            log.error("set aside unread", stage="scan", reasons=scan)
+            return ScanResult(drop.path, [], {}, set())
+        return scan
+
+    def _unread(self, drop: ClaimedDrop, exc: Exception, log: BoundLogger) -> str:
+        """The reason an archive was refused; or Interrupted, TransientFailure (try again)."""
+        if isinstance(exc, UnpackError):
+            return str(exc)
+        if isinstance(exc, ReadCancelled):
+            raise Interrupted(f"{exc}; read again at the next start") from None
+        if isinstance(exc, NoWorker):
+            raise TransientFailure(f"{exc}; retried") from None
+        log.error("cannot unpack", stage="scan", reason=str(exc))  # e.g. a full disk
+        strerror = getattr(exc, "strerror", None) or exc
+        raise TransientFailure(f"cannot unpack {drop.name}: {strerror}; retried once there is "
+                               "space") from None
+
+    def _read(self, drop: ClaimedDrop, job: ReadJob, failures: list[str],
+              log: BoundLogger) -> ScanResult | list[str]:
+        """The scan, read again after each lost worker; the failures once there are too many."""
+        while len(failures) < READ_FAILURES_ALLOWED:
+            if self.reading:
+                self.reading(drop.id)
             try:
-                root = unpack(drop, drop.inbox.archives)
-            except UnpackError as exc:
-                report.reasons.append(str(exc))
-                return ScanResult(drop.path, [], {}, set())
-        return self.scans.scan(root, drop.inbox.ready_marker)
+                return self.scans.read(job, self.config.scan_timeout)
+            except WorkerLost as exc:
+                failures = self.state.read_failed(drop.id, str(exc))
+                log.warning("scan worker lost reading this drop", stage="scan", reason=str(exc),
+                            failures=len(failures), allowed=READ_FAILURES_ALLOWED)
+        return failures
 
     def _finish(self, drop: ClaimedDrop, report: DropReport, attempt: int, lines: list[str],
                 log: BoundLogger, phi: re.Pattern[str] | None) -> Path:

@@ -17,7 +17,7 @@ from ..config import ConfigError, InboxConfig, SiteConfig, load_config
 from ..logs import get_logger
 
 #: settings a running daemon can't change (where its state lives, its scan processes)
-RESTART_ONLY = ("state_dir", "scan_processes")
+RESTART_ONLY = ("state_dir", "scan_processes", "scan_memory_limit")
 
 log = get_logger(step="reload")
 

@@ -1,5 +1,6 @@
 """Durable state under state_dir: each drop's stage, each instance's outcome per destination,
-every attempt, destinations' health and pending retry requests (SQLite, WAL, one writer).
+every attempt, destinations' health, pending retry requests, and reads of a drop that cost a
+scan worker (or the daemon) its life (SQLite, WAL, one writer).
 
 The work area on disk is the truth about which drops exist; this database only remembers how
 far each got. A corrupt or missing database is set aside and started afresh: drops are then
@@ -22,7 +23,7 @@ from typing import Any
 from ..logs import get_logger
 
 DB_NAME = "state.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: reads
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS drops (
     id TEXT PRIMARY KEY, inbox TEXT NOT NULL, origin TEXT NOT NULL, name TEXT NOT NULL,
@@ -51,7 +52,12 @@ CREATE TABLE IF NOT EXISTS deid_map (
     kind TEXT NOT NULL, original TEXT NOT NULL, replacement TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (kind, original));
 CREATE INDEX IF NOT EXISTS deid_map_replacement ON deid_map (replacement);
+CREATE TABLE IF NOT EXISTS reads (
+    drop_id TEXT PRIMARY KEY, reading INTEGER NOT NULL DEFAULT 0,
+    failures TEXT NOT NULL DEFAULT '[]');
 """
+#: why a read that began was never seen to end: the daemon itself died reading the drop
+DIED_READING = "the daemon stopped while reading it"
 
 log = get_logger(step="state")
 
@@ -192,6 +198,40 @@ class State:
         rows = self._read("SELECT number, destination, started, ended, outcome, reason FROM "
                           "attempts WHERE drop_id=? ORDER BY number", drop_id)
         return [Attempt(*row) for row in rows]
+
+    # --- reads: a drop whose reading kills a worker, or the daemon, again and again ----------
+    def start_reading(self, drop_id: str) -> list[str]:
+        """A read of the drop begins; the reasons of every read of it that failed so far,
+        one that began and never ended (the daemon died in it) counted now."""
+        with self._write() as db:
+            row = db.execute("SELECT reading FROM reads WHERE drop_id=?", (drop_id,)).fetchone()
+            if row is not None and row[0]:
+                self._add_read_failure(db, drop_id, DIED_READING)
+            db.execute("INSERT INTO reads (drop_id, reading) VALUES (?, 1) ON CONFLICT(drop_id) "
+                       "DO UPDATE SET reading=1", (drop_id,))
+        return self.read_failures(drop_id)
+
+    def read_failed(self, drop_id: str, reason: str) -> list[str]:
+        """The worker reading the drop was lost; every failure's reason so far."""
+        with self._write() as db:
+            self._add_read_failure(db, drop_id, reason)
+        return self.read_failures(drop_id)
+
+    def end_reading(self, drop_id: str) -> None:
+        """The read ended in a way the daemon saw: a scan, a reason, a stop."""
+        with self._write() as db:
+            db.execute("UPDATE reads SET reading=0 WHERE drop_id=?", (drop_id,))
+
+    def read_failures(self, drop_id: str) -> list[str]:
+        rows = self._read("SELECT failures FROM reads WHERE drop_id=?", drop_id)
+        return list(json.loads(rows[0][0])) if rows else []
+
+    @staticmethod
+    def _add_read_failure(db: sqlite3.Connection, drop_id: str, reason: str) -> None:
+        row = db.execute("SELECT failures FROM reads WHERE drop_id=?", (drop_id,)).fetchone()
+        failures = json.dumps([*json.loads(row[0] if row else "[]"), reason])
+        db.execute("INSERT INTO reads (drop_id, failures) VALUES (?, ?) ON CONFLICT(drop_id) "
+                   "DO UPDATE SET failures=excluded.failures", (drop_id, failures))
 
     # --- destinations -------------------------------------------------------------------
     def destination_health(self, name: str, up: bool, error: str | None = None,
