@@ -24,6 +24,8 @@ from .yamlfile import ConfigError, load_yaml, validate
 DEFAULT_CONFIG_PATH = Path("/etc/xnat-inbox/config.yaml")
 ROUTE_FILE = "route.yaml"
 LABEL_KEYS = ("project", "subject", "session")
+#: the daemon's work area below each inbox (claimed drops)
+WORK_PARTS = (".xnat-inbox", "work")
 
 #: 1-16 printable ASCII characters, no backslash, not only spaces
 AETitle = Annotated[str, StringConstraints(
@@ -229,11 +231,11 @@ class InboxConfig(Strict):
     @property
     def work(self) -> Path:
         # inside the inbox, so the claim rename stays on one file system
-        return self.path / ".xnat-inbox" / "work"
+        return self.path.joinpath(*WORK_PARTS)
 
     def reserved(self) -> tuple[Path, ...]:
         """Folders in or beside the inbox that hold our own files and are never drops."""
-        return (self.path / ".xnat-inbox", self.done, self.failed)
+        return (self.path / WORK_PARTS[0], self.done, self.failed)
 
 
 class SiteConfig(Strict):
@@ -295,6 +297,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "LABEL_KEYS",
     "ROUTE_FILE",
+    "WORK_PARTS",
     "ArchiveLimits",
     "ConfigError",
     "Destination",

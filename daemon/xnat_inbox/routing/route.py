@@ -3,17 +3,18 @@ labels and series filter; labels are checked against XNAT's rule before anything
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 
 from ..config import LABEL_KEYS, ROUTE_FILE, ConfigError, RouteTemplate, SeriesFilter, load_route
+from ..fsops import TrustedPath, UnsafePath, held
 from ..intake.claim import ClaimedDrop
+from ..reading.dataset import read_dataset, text_value
 from ..reading.scan import Instance, Series, Study
 from ..templates import PATH_FIELDS, Template, clean_label, label_problem
 
@@ -74,7 +75,7 @@ def resolve_route(drop: ClaimedDrop, destinations: set[str]) -> Route:
     for folder in _folders_down_to(drop.inbox.path, drop.origin):
         path = folder / ROUTE_FILE
         try:
-            template = _read_route(path, destinations)
+            template = _read_route(drop.inbox.path, path, destinations)
         except ConfigError as exc:
             raise RouteError(f"{exc}\nFix the route file, then run `xnat-inbox retry`.") from None
         if template is None:
@@ -95,19 +96,26 @@ def resolve_route(drop: ClaimedDrop, destinations: set[str]) -> Route:
 #: route.yaml files parsed before, by path, with the bytes and destinations they were parsed
 #: with: a backlog of drops in one folder parses its route once (≈0.7 ms), not once a drop
 _parsed_routes: dict[Path, tuple[bytes, frozenset[str], RouteTemplate]] = {}
+#: the most of a route.yaml that is read (loading refuses a file over its own, smaller cap)
+READ_LIMIT = 1 << 20
 
 
-def _read_route(path: Path, destinations: set[str]) -> RouteTemplate | None:
-    """The route file at `path`, None when there is none. Read every time, parsed again
-    whenever its bytes changed (a date could miss two edits within one clock tick)."""
+def _read_route(inbox: Path, path: Path, destinations: set[str]) -> RouteTemplate | None:
+    """The route file at `path`, None when there is none. Reached from the inbox without
+    following a link (a route.yaml that is a link is refused, not read). Read every time,
+    parsed again whenever its bytes changed (a date could miss two edits within one tick)."""
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
-            return None
-        content = path.read_bytes()
+        with held(TrustedPath(inbox, path.relative_to(inbox).parts).open()) as fd:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            content = _read_at_most(fd, READ_LIMIT + 1)
     except FileNotFoundError:
         return None
-    except OSError:
-        return load_route(path, destinations)  # its error names the file and the reason
+    except UnsafePath as exc:
+        raise ConfigError(f"{path}: {exc.strerror}; put the route in a regular file there"
+                          ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the file ({exc.strerror}).") from None
     names = frozenset(destinations)
     known = _parsed_routes.get(path)
     if known is not None and known[0] == content and known[1] == names:
@@ -115,6 +123,14 @@ def _read_route(path: Path, destinations: set[str]) -> RouteTemplate | None:
     template = load_route(path, destinations, content)
     _parsed_routes[path] = (content, names, template)
     return template
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks, size = [], 0
+    while size < limit and (chunk := os.read(fd, min(1 << 16, limit - size))):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _folders_down_to(top: Path, bottom: Path) -> list[Path]:
@@ -214,17 +230,10 @@ def _template_fields(template: RouteTemplate) -> set[str]:
 
 
 def _header(instance: Instance) -> Dataset:
-    with open(instance.path, "rb") as stream:
-        return dcmread(stream, stop_before_pixels=True, force=True)
+    """The header as the scan saw the file; values too long for a label are not read."""
+    with instance.open() as stream:
+        return read_dataset(stream)
 
 
 def _value(header: Dataset, keyword: str) -> str:
-    try:
-        value = header.get(keyword)
-    except Exception:  # a malformed value pydicom can't convert counts as absent
-        return ""
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue):
-        return "\\".join(str(item) for item in value)
-    return str(value).strip()
+    return text_value(header, keyword)
