@@ -61,6 +61,11 @@ class InboxAllow(BaseModel):
         self._project_matchers = tuple(re.compile(fnmatch.translate(pattern))
                                        for pattern in self.projects)
 
+    @field_validator("deidentify_floor", "phi_guard_floor", mode="before")
+    @classmethod
+    def _unquoted_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
     @field_validator("destinations")
     @classmethod
     def _known_destinations(cls, value: list[str] | None,
