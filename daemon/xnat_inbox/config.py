@@ -178,10 +178,13 @@ class RouteTemplate(Strict):
                              "or private for private tags)")
         return value
 
+    def keys_set(self) -> dict[str, Any]:
+        """The keys this route sets (not None), with their values."""
+        return {key: value for key, value in self if value is not None}
+
     def merged_over(self, parent: RouteTemplate) -> RouteTemplate:
         """This route's keys, falling back to `parent`'s for keys it leaves out."""
-        own = {key: value for key, value in self if value is not None}
-        return parent.model_copy(update=own)
+        return parent.model_copy(update=self.keys_set())
 
 
 class ArchiveLimits(Strict):
@@ -211,7 +214,7 @@ class InboxConfig(Strict):
 
     @model_validator(mode="after")
     def _route_within_allow(self) -> InboxConfig:
-        asked = {key: value for key, value in self.route or () if value is not None}
+        asked = self.route.keys_set() if self.route else {}
         problems = [f"route.{b.key}: {b.asked} goes past allow.{b.limit_key} ({b.limit}); "
                     "change one of the two" for b in breaches(asked, self.allow)]
         if problems:
@@ -296,10 +299,12 @@ class SiteConfig(Strict):
                 if isinstance(destination, XnatDestination) and \
                         inbox.allow.allows_destination(name) and \
                         exceeds(destination.overwrite, inbox.allow.overwrite, OVERWRITE_LEVELS):
+                    default = "" if "overwrite" in inbox.allow.model_fields_set else \
+                        ", the default"
                     raise ValueError(
                         f"destinations.{name}.overwrite is {destination.overwrite}, more than "
-                        f"inboxes[{index}].allow.overwrite ({inbox.allow.overwrite}, "
-                        "the default is append): allow it there, set a lower overwrite in "
+                        f"inboxes[{index}].allow.overwrite ({inbox.allow.overwrite}{default}): "
+                        "allow it there, set a lower overwrite in "
                         f"inboxes[{index}].route, or take {name} out of "
                         f"inboxes[{index}].allow.destinations")
         return self

@@ -142,9 +142,8 @@ def _route_file_problems(route_file: Path, names: set[str], inbox: InboxConfig) 
         template = load_route(route_file, names)
     except ConfigError as exc:
         return [str(exc)]
-    asked = {key: value for key, value in template if value is not None}
     return [breach.message(str(route_file), inbox.config_key)
-            for breach in breaches(asked, inbox.allow)]
+            for breach in breaches(template.keys_set(), inbox.allow)]
 
 
 def route_files(inbox: InboxConfig) -> Iterator[Path]:

@@ -7,7 +7,6 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -76,7 +75,7 @@ def resolve_route(drop: ClaimedDrop, destinations: set[str]) -> Route:
     """Merge the inbox's inline route and every route.yaml from the inbox down to the drop."""
     merged = drop.inbox.route or RouteTemplate()
     sources = [INLINE_ROUTE] if drop.inbox.route else []
-    origins = dict.fromkeys(_asked(merged), INLINE_ROUTE)
+    origins = dict.fromkeys(merged.keys_set(), INLINE_ROUTE)
     for folder in _folders_down_to(drop.inbox.path, drop.origin):
         path = folder / ROUTE_FILE
         try:
@@ -87,7 +86,7 @@ def resolve_route(drop: ClaimedDrop, destinations: set[str]) -> Route:
             continue
         merged = template.merged_over(merged)
         sources.append(str(path))
-        origins.update(dict.fromkeys(_asked(template), str(path)))
+        origins.update(dict.fromkeys(template.keys_set(), str(path)))
     if not sources:
         raise RouteError("no route.yaml applies to this drop: put one in the inbox or the folder "
                          "the drop was copied into")
@@ -104,7 +103,7 @@ def resolve_route(drop: ClaimedDrop, destinations: set[str]) -> Route:
 def check_limits(merged: RouteTemplate, origins: Mapping[str, str], allow: InboxAllow,
                  inbox_key: str) -> None:
     """Refuse a route that asks past the inbox's `allow:`, naming the file that asked."""
-    found = breaches(_asked(merged), allow)
+    found = breaches(merged.keys_set(), allow)
     if found:
         raise RouteError("\n".join(breach.message(origins.get(breach.key, INLINE_ROUTE),
                                                    inbox_key) for breach in found))
@@ -119,11 +118,6 @@ def route_defaults(allow: InboxAllow) -> dict[str, object]:
     if below(str(defaults["phi_guard"]), allow.phi_guard_floor, PHI_GUARD_LEVELS):
         defaults["phi_guard"] = allow.phi_guard_floor
     return defaults
-
-
-def _asked(template: RouteTemplate) -> dict[str, Any]:
-    """The keys this route sets, with their values."""
-    return {key: value for key, value in template if value is not None}
 
 
 #: route.yaml files parsed before, by path, with the bytes and destinations they were parsed
