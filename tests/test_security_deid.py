@@ -224,3 +224,33 @@ def test_explain_lists_what_follows_the_pixel_data(tmp_path):
                  "DataSetTrailingPadding: removed"):
         assert line in shown.stdout
     assert "MRN4711" not in shown.stdout
+
+
+@pytest.mark.parametrize("guard", ["reject", "off"])
+def test_what_follows_the_pixel_data_is_read_up_to_a_limit_and_never_sent_unseen(
+        tmp_path, storescp, daemon, guard):
+    info = write_session(tmp_path / "src" / "MR_HUGE", series=SERIES[:1], patient=PATIENT)
+    huge = info.files[-1]  # not the first: that one gives the de-identified labels
+    with open(huge, "ab") as stream:  # a private element of 17 MiB, sparse on disk
+        stream.write(b"\xe1\x7f\x10\x00LO\x04\x00ACME")
+        stream.write(b"\xe1\x7f\x10\x10OB\x00\x00" + (17 << 20).to_bytes(4, "little"))
+        stream.write(HIDDEN.encode() + b"\0")
+        stream.truncate(stream.tell() - len(HIDDEN) - 1 + (17 << 20))
+    config, inbox = make_site(tmp_path, dicom_destination(storescp),
+                              {**DEID, "phi_guard": guard})
+    proc = daemon(config)
+    put(tmp_path / "src" / "MR_HUGE", inbox)
+    outcome, report, _ = wait_for_report(inbox, "MR_HUGE", daemon=proc)
+    proc.stop()
+
+    assert outcome == "failed"
+    [study] = report["studies"]
+    reasons = " ".join(study["reasons"])
+    assert "follow the pixel data, more than the 16 MiB" in reasons
+    assert "IM0003.dcm" in reasons
+    if guard == "reject":  # nothing is sent before every instance is inspected
+        assert "PHI guard: cannot inspect 1 file(s)" in reasons
+        assert not storescp.files()
+    for path in storescp.files():  # the others, de-identified
+        assert not any(value in path.read_bytes() for value in PHI)
+    assert len(storescp.files()) < len(info.files)

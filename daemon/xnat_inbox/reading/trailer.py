@@ -58,7 +58,7 @@ def read_without_pixels(fp: BinaryIO) -> tuple[FileDataset, PixelSpan]:
     if (size := fp.seek(0, io.SEEK_END)) > end:
         if size - end > TRAILER_LIMIT:
             raise TrailerError(f"{size - end} bytes follow the pixel data, more than the "
-                               f"{TRAILER_LIMIT >> 20} MiB a trailer is read up to")
+                               f"{TRAILER_LIMIT >> 20} MiB read there to de-identify and check")
         fp.seek(end)
         _merge_trailer(dataset, fp.read(size - end), tag, implicit, little)
     fp.seek(start)

@@ -167,7 +167,13 @@ def prepare(routed: RoutedStudy, drop: ClaimedDrop, secret_file: str | None,
         if template.label_source == "deidentified":
             routed.problems, routed.labels, routed.routing_value = list(routed.study.problems),\
                 None, ""
-            label_study(routed, outgoing_header(routed.study.instances[0], transform), drop)
+            first = routed.study.instances[0]
+            try:
+                label_study(routed, outgoing_header(first, transform), drop)
+            except Exception as exc:  # hostile bytes make pydicom raise many kinds of error
+                routed.problems.append(f"deidentify: cannot read {first.rel} for its "
+                                       f"de-identified labels: {_why(exc)}")
+                return
         if record is not None:
             record(mapping(routed, transform))
     if template.phi_guard not in (None, "off") and routed.included and not routed.problems:
