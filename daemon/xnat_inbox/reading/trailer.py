@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -137,7 +138,8 @@ def _merge_trailer(dataset: FileDataset, trailer: bytes, pixels: int, implicit: 
         tags = list(found.keys())
         if any(tag <= pixels for tag in tags):
             # it would replace a header element: refused, not guessed at
-            raise TrailerError("an element after the pixel data is out of order")
+            raise TrailerError("what follows the pixel data is out of order (elements that "
+                               "belong before it)")
         for tag in tags:
             dataset[tag] = found.get_item(tag)
     except TrailerError:
@@ -147,9 +149,12 @@ def _merge_trailer(dataset: FileDataset, trailer: bytes, pixels: int, implicit: 
                            f"({type(exc).__name__})") from None
 
 
-def tail_offset(encoded: bytes, tag: int, implicit: bool, little: bool) -> int:
-    """Where, in an encoded dataset without pixel data, the elements that follow the pixel
-    data element `tag` begin (the end when none do)."""
+def tail_offset(encoded: bytes, tags: Iterable[int], tag: int, implicit: bool,
+                little: bool) -> int:
+    """Where, in an encoded dataset of elements `tags` without pixel data, those that follow
+    the pixel data element `tag` begin (the end when none do)."""
+    if all(found <= tag for found in tags):
+        return len(encoded)  # the usual case: nothing follows the pixel data
     at = 0
     try:
         for found, _, _, end in elements(encoded, 0, implicit, little):

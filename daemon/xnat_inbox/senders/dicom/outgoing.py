@@ -46,7 +46,8 @@ def outgoing_copy(instance: Instance, study: RoutedStudy, fp: BinaryIO, size: in
             raise
         # pydicom's messages may quote the value: name the kind of error only
         raise ValueError(f"cannot de-identify it ({type(exc).__name__})") from None
-    cut = tail_offset(encoded, pixels.tag, syntax.is_implicit_VR, syntax.is_little_endian)
+    cut = tail_offset(encoded, dataset.keys(), pixels.tag, syntax.is_implicit_VR,
+                      syntax.is_little_endian)
     return Outgoing(encoded[:cut], pixels.start, pixels.end, encoded[cut:],
                     str(dataset.SOPInstanceUID))
 
