@@ -21,7 +21,7 @@ from pydicom.dataset import FileDataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from .rawheader import LONG_VRS, UNDEFINED, Unusual, elements
+from .rawheader import UNDEFINED, Unusual, element_at, elements
 
 #: PixelData and its float and double float forms: where pydicom's stop_before_pixels stops
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
@@ -93,22 +93,15 @@ def _past_pixels(fp: BinaryIO, implicit: bool, little: bool) -> tuple[int, int]:
 
 
 def _element_header(fp: BinaryIO, implicit: bool, little: bool) -> tuple[int, int] | None:
-    """(tag, length) of the element at fp, which is left at its value; None at the end."""
-    head = fp.read(8)
-    if len(head) < 8:
+    """(tag, length) of the element at fp, which is left at its value; None at the end or where
+    no plain element starts (an undefined-length sequence is no pixel data either)."""
+    at = fp.tell()
+    try:
+        tag, value_at, length, _ = element_at(fp.read(12), 0, implicit, little)
+    except (Unusual, struct.error):
         return None
-    order = "<" if little else ">"
-    group, element, length = struct.unpack(order + "HHI", head)
-    if not implicit:
-        vr = head[4:6]
-        if vr in LONG_VRS:
-            extra = fp.read(4)
-            if len(extra) < 4:
-                return None
-            (length,) = struct.unpack(order + "I", extra)
-        else:
-            length = struct.unpack(order + "H", head[6:8])[0]
-    return group << 16 | element, length
+    fp.seek(at + value_at)
+    return tag, length
 
 
 def _past_fragments(fp: BinaryIO, little: bool) -> None:
