@@ -102,15 +102,14 @@ class Pipeline:
             route = self._route(drop)  # once per attempt: it reads every route.yaml above
             attempt = self.state.start_attempt(
                 drop.id, route.destination if isinstance(route, Route) else None)
-            try:
-                with named.scope():  # unpack's and the scan's own lines, too
+            with named.scope():  # unpack's and the scan's own lines, too
+                try:
                     report.scan = scan = self._scan(drop, report)
-            except OSError as exc:  # a full disk while unpacking: worth another try
-                self.state.end_attempt(drop.id, attempt, "TransientFailure", str(exc))
-                with named.scope():
+                except OSError as exc:  # a full disk while unpacking: worth another try
+                    self.state.end_attempt(drop.id, attempt, "TransientFailure", str(exc))
                     log.error("cannot unpack", stage="scan", reason=str(exc))
-                raise TransientFailure(f"cannot unpack the archive: {exc.strerror}; "
-                                       "retried once there is space") from None
+                    raise TransientFailure(f"cannot unpack the archive: {exc.strerror}; "
+                                           "retried once there is space") from None
             report.timings["scan_seconds"] = time.monotonic() - started
             phi = self.phi_by_drop[drop.id] = phi_pattern(scan.phi)
             named = self.named(drop)
