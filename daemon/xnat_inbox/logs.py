@@ -275,7 +275,7 @@ class DropName:
 
     def scope(self) -> contextlib.AbstractContextManager[None]:
         """Mask this drop's PHI in what is logged meanwhile, or its name while it is unread."""
-        return phi_scope(self.phi if self.read else phi_pattern([self.name]))
+        return phi_scope(self.phi) if self.read else unchecked(self.name)
 
 
 def unchecked(*names: str | None) -> contextlib.AbstractContextManager[None]:
