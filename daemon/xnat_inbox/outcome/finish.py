@@ -143,6 +143,9 @@ def remove(path: Path) -> None:
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as out:
+        # not the setgid share's group nor the umask: only the daemon's own group may read it
+        os.fchown(out.fileno(), -1, os.getegid())
+        os.fchmod(out.fileno(), 0o640)
         out.write(text)
         out.flush()
         os.fsync(out.fileno())
