@@ -57,7 +57,13 @@ class DropRef:
 
 
 def is_routing_folder(path: Path) -> bool:
-    return os.path.isfile(path / ROUTE_FILE) and not os.path.islink(path)
+    """A folder with a route.yaml (which must be a regular file: a link there fails the drops
+    below it with the reason, rather than quietly making them part of a parent's route)."""
+    try:
+        return not os.path.islink(path) and \
+            not stat.S_ISDIR(os.lstat(path / ROUTE_FILE).st_mode)
+    except OSError:
+        return False
 
 
 def is_archive_name(name: str) -> bool:
@@ -277,8 +283,7 @@ class InboxWatcher(FileSystemEventHandler):
                 continue
             path = Path(os.fsdecode(raw))
             ref = drop_for_path(self.inbox, path)
-            if ref is not None and ref.name is None and path.parent == ref.folder and \
-                    os.path.islink(path):
+            if ref is not None and path.parent == ref.folder and os.path.islink(path):
                 self._note_symlink(path)
                 continue
             if ref is None and path.name == ROUTE_FILE and path.parent != self.inbox.path:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
-from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -25,6 +24,7 @@ from pydicom.tag import BaseTag
 from structlog.stdlib import BoundLogger
 
 from ..intake.claim import ClaimedDrop
+from ..reading.dataset import read_dataset
 from ..reading.scan import Instance
 from ..secrets import SecretError, read_secret
 from .route import RoutedStudy, label_study
@@ -174,11 +174,11 @@ def prepare(routed: RoutedStudy, drop: ClaimedDrop, secret_file: str | None,
 
 
 def outgoing_header(instance: Instance, transform: Transform | None) -> Dataset:
-    with open(instance.path, "rb") as stream:
-        header = dcmread(stream, stop_before_pixels=True, force=True)
-    if transform is not None:
-        transform(header)
-    return header
+    with instance.open() as stream:
+        header = read_dataset(stream)
+        if transform is not None:
+            transform(header)
+        return header
 
 
 def mapping(routed: RoutedStudy, transform: Deidentifier) -> list[tuple[str, str, str]]:

@@ -10,11 +10,12 @@ import threading
 import time
 from collections import deque
 from datetime import datetime
+from pathlib import Path
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from ..config import InboxConfig, RetryPolicy, SiteConfig
-from ..intake.claim import ClaimedDrop, ClaimError, claim, claimed_drops
+from ..intake.claim import ClaimedDrop, ClaimError, Identity, claim, claimed_drops
 from ..intake.settle import SettleTracker, Snapshot, snapshot
 from ..intake.watch import DropRef, InboxWatcher, existing_drops, is_routing_folder
 from ..logs import get_logger, set_log_phi
@@ -37,6 +38,23 @@ TICK_SECONDS = 0.25
 #: a signal is seen at the next tick: a handler must not take the locks an Event.set() takes)
 IDLE_TICK_SECONDS = 1.0
 UNROUTED = "(no route)"  # the lane of drops whose route names no usable destination
+
+
+#: the kernel's guard against hard links to files the linking user can't read (Debian: 1)
+PROTECTED_HARDLINKS = Path("/proc/sys/fs/protected_hardlinks")
+
+
+def warn_if_links_unprotected() -> None:
+    """Symbolic links are never followed, but a hard link is the file itself: inbox users
+    could link a file they can't read into a drop if the kernel let them."""
+    try:
+        unprotected = PROTECTED_HARDLINKS.read_text().strip() == "0"
+    except OSError:
+        return
+    if unprotected:
+        get_logger(step="service").warning(
+            "the kernel lets users hard-link files they can't read into an inbox: set "
+            "fs.protected_hardlinks=1 (sysctl)", setting=str(PROTECTED_HARDLINKS))
 
 
 class StartupError(Exception):
@@ -96,6 +114,7 @@ class Daemon:
         self.progress: dict[str, tuple[int, int]] = {}
         self.watchers: list[InboxWatcher] = []
         self.claim_failures: set[DropRef] = set()
+        self.own: set[Identity] = set()  # our own folders' (device, inode): never drops
         # for systemd: drops claimed and not finished, their last progress (STATUS=, watchdog)
         self.drops: dict[str, ClaimedDrop] = {}
         self.last_activity: dict[str, float] = {}
@@ -119,13 +138,14 @@ class Daemon:
     def prepare(self) -> None:
         """Check the inboxes exist and create our own folders."""
         try:
-            prepare_inboxes(self.config)
+            self.own_folders(prepare_inboxes(self.config))
         except InboxError as exc:
             raise StartupError(str(exc)) from None
 
     def start(self) -> None:
         log_warnings(self.config)
         self.prepare()
+        warn_if_links_unprotected()
         for inbox in self.config.inboxes:
             self.adopt_inbox(inbox)
 
@@ -208,10 +228,18 @@ class Daemon:
         """SIGHUP: the config file again; drops in flight keep the config they started with."""
         self.reload_requested.clear()
         self.supervisor.reloading()
-        new = load_for_reload(self.config.source)
-        if new is not None:
+        loaded = load_for_reload(self.config.source)
+        if loaded is not None:
+            new, own = loaded
+            self.own_folders(own)
             self.apply_config(new)
-        self.supervisor.reloaded(new is not None)
+        self.supervisor.reloaded(loaded is not None)
+
+    def own_folders(self, found: set[Identity]) -> None:
+        """Our own folders in every inbox, as found now and as recorded before (one renamed
+        while the daemon was down is still ours): never claimed as a drop."""
+        self.state.record_own_folders(found)
+        self.own = self.state.own_folders()
 
     def apply_config(self, new: SiteConfig) -> None:
         changes = inbox_changes(self.config, new, (w.inbox for w in self.watchers))
@@ -247,7 +275,7 @@ class Daemon:
     def tick(self, now: float) -> None:
         for ref in self.tracker.due(now):
             try:
-                drop = claim(ref)
+                drop = claim(ref, own=self.own)
             except ClaimError as exc:
                 if ref not in self.claim_failures:  # once per drop, not every quiet period
                     self.log.error("claim failed", drop=str(ref), reason=str(exc))

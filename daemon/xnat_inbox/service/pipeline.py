@@ -7,7 +7,9 @@ what is missing. A transient failure leaves the drop in the work area for the ca
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from pathlib import Path
 from structlog.stdlib import BoundLogger
 
 from ..config import SiteConfig
+from ..fsops import UnsafePath
 from ..intake.claim import ClaimedDrop
 from ..intake.watch import is_archive_name
 from ..logs import drop_log, get_logger, phi_pattern, phi_scope
@@ -25,7 +28,7 @@ from ..outcome.report import DropReport, StudyResult
 from ..outcome.verify import verify_delivery
 from ..reading.scan import Instance, Kind, ScanResult
 from ..reading.scan_workers import ScanWorkers
-from ..reading.unpack import UnpackError, unpack
+from ..reading.unpack import UNPACKED, UnpackError, unpack
 from ..routing.deidentify import prepare as deidentify
 from ..routing.route import Route, RoutedStudy, RouteError, resolve_route, route_study
 from ..senders.base import Delivery, InstanceOutcome, Sender
@@ -81,7 +84,8 @@ class Pipeline:
                 target = complete_finish(drop)
             except FinishError as exc:
                 raise TransientFailure(str(exc)) from None
-            self.state.drop_stage(drop.id, "finished", target=str(target))
+            outcome = "done" if target.parent.parent == drop.inbox.done else "failed"
+            self.state.drop_stage(drop.id, "finished", outcome=outcome, target=str(target))
             get_logger(drop=drop.relative_origin).info("completed an interrupted finish",
                                                        stage="finish", moved_to=str(target))
             return target
@@ -123,14 +127,15 @@ class Pipeline:
             return exc
 
     def _scan(self, drop: ClaimedDrop, report: DropReport) -> ScanResult:
-        root = drop.path
-        if drop.path.is_file() and is_archive_name(drop.name):
-            try:
-                root = unpack(drop, drop.inbox.archives)
-            except UnpackError as exc:
-                report.reasons.append(str(exc))
-                return ScanResult(drop.path, [], {}, set())
-        return self.scans.scan(root, drop.inbox.ready_marker)
+        root = drop.root()
+        try:
+            if is_archive_name(drop.name) and stat.S_ISREG(os.lstat(drop.path).st_mode):
+                unpack(drop, drop.inbox.archives)
+                root = drop.in_area(UNPACKED)
+            return self.scans.scan(root, drop.inbox.ready_marker)
+        except (UnpackError, UnsafePath) as exc:
+            report.reasons.append(str(exc))
+            return ScanResult(drop.path, [], {}, set())
 
     def _finish(self, drop: ClaimedDrop, report: DropReport, attempt: int, lines: list[str],
                 log: BoundLogger, phi: re.Pattern[str] | None) -> Path:
@@ -143,7 +148,7 @@ class Pipeline:
             target = plan_target(drop, report.ok, finished)
             log.info("finished", stage="finish", outcome=outcome, moved_to=str(target),
                      reasons=reasons)
-            finish(drop, target, report.to_dict(finished, phi), lines)
+            target = finish(drop, target, report.to_dict(finished, phi), lines)
         except FinishError as exc:  # e.g. done/ is full: everything is kept, try again later
             log.error("cannot finish", stage="finish", reason=str(exc))
             raise TransientFailure(str(exc)) from None

@@ -262,7 +262,7 @@ class _Lane:
                 f"{sop_class_name(instance.transfer_syntax)}: not sent"))
         context_id, syntax = context
         try:
-            with open(instance.path, "rb") as fp:
+            with instance.open() as fp:
                 size = os.fstat(fp.fileno()).st_size
                 sop_uid = instance.sop_instance_uid
                 splice = None

@@ -287,7 +287,7 @@ class XnatSender:
 
     def _upload_one(self, plan: Plan, group: list[Instance], progress: Progress,
                     should_stop: ShouldStop | None) -> str:
-        members = [Member(instance.rel, instance.path, instance.size, plan.transform)
+        members = [Member(instance.rel, instance.path, instance.size, plan.transform, instance.open)
                    for instance in group]
         params = {"import-handler": "DICOM-zip", "PROJECT_ID": plan.project,
                   "SUBJECT_ID": plan.subject, "EXPT_LABEL": plan.session,
