@@ -21,7 +21,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from ..config import ROUTE_FILE, InboxConfig
-from ..logs import get_logger
+from ..logs import get_logger, unchecked
 from .polling import PruningPollingEmitter
 
 #: file systems whose remote writes never reach inotify
@@ -230,8 +230,9 @@ class InboxWatcher(FileSystemEventHandler):
     def _note_symlink(self, path: Path) -> None:
         if path not in self.symlinks_noted:
             self.symlinks_noted.add(path)
-            log.warning("symbolic link in an inbox: not followed, left in place; copy the "
-                        "files themselves", path=str(path))
+            with unchecked(path.name):  # it may be named after the patient
+                log.warning("symbolic link in an inbox: not followed, left in place; copy the "
+                            "files themselves", path=str(path))
 
     def _never_polled(self, entry: os.DirEntry[str]) -> bool:
         return entry.name.startswith(".") or entry.path in self.reserved
@@ -261,7 +262,8 @@ class InboxWatcher(FileSystemEventHandler):
             try:
                 self.watches[path] = self.observer.schedule(self, str(path), recursive=recursive)
             except OSError as exc:  # gone already, or out of inotify watches
-                log.warning("cannot watch folder", folder=str(path), reason=exc.strerror)
+                with unchecked(self._drop_name(path)):
+                    log.warning("cannot watch folder", folder=str(path), reason=exc.strerror)
 
     def _watch_drop(self, ref: DropRef) -> None:
         if ref.name is not None and os.path.isdir(ref.path) and not os.path.islink(ref.path):
@@ -275,7 +277,13 @@ class InboxWatcher(FileSystemEventHandler):
         try:
             self._touch_drops_of(event)
         except Exception:  # an exception here would silently end the observer thread
-            log.exception("cannot handle a file system event", path=str(event.src_path))
+            with unchecked(self._drop_name(Path(os.fsdecode(event.src_path)))):
+                log.exception("cannot handle a file system event", path=str(event.src_path))
+
+    def _drop_name(self, path: Path) -> str | None:
+        """The name of the drop `path` is in: not checked for PHI before its headers are read."""
+        ref = drop_for_path(self.inbox, path)
+        return ref.name if ref else None
 
     def _touch_drops_of(self, event: FileSystemEvent) -> None:
         for raw in (event.src_path, getattr(event, "dest_path", "")):

@@ -5,7 +5,6 @@ that is down holds up only its own drops."""
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from collections import deque
@@ -18,7 +17,7 @@ from ..config import InboxConfig, RetryPolicy, SiteConfig
 from ..intake.claim import ClaimedDrop, ClaimError, Identity, claim, claimed_drops
 from ..intake.settle import SettleTracker, Snapshot, snapshot
 from ..intake.watch import DropRef, InboxWatcher, existing_drops, is_routing_folder
-from ..logs import get_logger, set_log_phi
+from ..logs import DropName, get_logger, set_log_phi, unchecked
 from ..outcome.finish import FinishError, reserve_recorded
 from ..reading.scan_workers import ScanWorkers
 from .pipeline import Interrupted, Pipeline, TransientFailure
@@ -130,9 +129,9 @@ class Daemon:
         # a claim's own rename touches the drop once more: count only what is still there
         return sum(os.path.lexists(ref.path) for ref in self.tracker.pending())
 
-    def phi_of(self, drop_id: str) -> tuple[bool, re.Pattern[str] | None]:
-        phis = self.pipeline.phi_by_drop
-        return drop_id in phis, phis.get(drop_id)
+    def named(self, drop_id: str) -> DropName | None:
+        drop = self.drops.get(drop_id)
+        return self.pipeline.named(drop) if drop else None
 
     # --- start-up ---------------------------------------------------------------------
     def prepare(self) -> None:
@@ -158,7 +157,7 @@ class Daemon:
             self.state.drop_stage(drop.id, "resumed", inbox=str(drop.inbox.path),
                                   origin=drop.relative_origin, name=drop.name,
                                   claimed_at=drop.claimed_at.isoformat())
-            self.log.info("resuming claimed drop", drop=drop.relative_origin, drop_id=drop.id,
+            self.log.info("resuming claimed drop", **self.pipeline.named(drop).fields(),
                           stored_before=self.state.stored_count(drop.id))
             self._submit(drop)
         self.watch_inbox(inbox)
@@ -278,7 +277,9 @@ class Daemon:
                 drop = claim(ref, own=self.own)
             except ClaimError as exc:
                 if ref not in self.claim_failures:  # once per drop, not every quiet period
-                    self.log.error("claim failed", drop=str(ref), reason=str(exc))
+                    with unchecked(ref.name):
+                        self.log.error("claim failed", inbox=str(ref.inbox.path),
+                                       reason=str(exc))
                 self.claim_failures.add(ref)
                 self.tracker.touch(ref, now)  # try again after another quiet period
                 continue
@@ -288,7 +289,7 @@ class Daemon:
                                   origin=drop.relative_origin, name=drop.name,
                                   claimed_at=drop.claimed_at.isoformat())
             skip = self.state.adopt_retry_request(drop.id, drop.relative_origin)
-            self.log.info("claimed", stage="claim", drop=drop.relative_origin, drop_id=drop.id,
+            self.log.info("claimed", stage="claim", **self.pipeline.named(drop).fields(),
                           retry_skips_studies=len(skip) if skip else None)
             self._submit(drop)
 
@@ -315,7 +316,7 @@ class Daemon:
                                          jitter=policy.initial_backoff),
             retry=retry_if_exception_type(TransientFailure),
             sleep=lambda seconds: self._sleep(drop, seconds),
-            before_sleep=lambda state: self._destination_down(destination, state),
+            before_sleep=lambda state: self._destination_down(destination, state, drop),
             reraise=True,
         )
         with self.pipelines_lock:  # a drop keeps the config it started with
@@ -329,12 +330,16 @@ class Daemon:
         except Interrupted:
             return False
         except FinishError as exc:
-            self.log.error("finish failed", drop=drop.relative_origin, reason=str(exc))
+            named = pipeline.named(drop)
+            with named.scope():
+                self.log.error("finish failed", **named.fields(), reason=str(exc))
             return True  # it stays in the work area; the next start resumes it
         except Exception:  # a lane must never die: the drop stays claimed for the next start
-            self.log.exception("internal error; the drop stays in the work area and is "
-                               "resumed at the next start", drop=drop.relative_origin,
-                               work_path=str(drop.path))
+            named = pipeline.named(drop)
+            with named.scope():
+                self.log.exception("internal error; the drop stays in the work area and is "
+                                   "resumed at the next start", **named.fields(),
+                                   work_area=str(drop.area))
             return True
         finally:
             self.progress.pop(drop.id, None)
@@ -352,7 +357,9 @@ class Daemon:
         try:
             pipeline.process(drop, give_up=reason)
         except (FinishError, Interrupted) as exc:
-            self.log.error("finish failed", drop=drop.relative_origin, reason=str(exc))
+            named = pipeline.named(drop)
+            with named.scope():
+                self.log.error("finish failed", **named.fields(), reason=str(exc))
         return True
 
     def _policy(self, destination: str) -> RetryPolicy:
@@ -373,15 +380,17 @@ class Daemon:
         if stopped:
             raise Interrupted("stopped while waiting to retry")
 
-    def _destination_down(self, destination: str, state: RetryCallState) -> None:
+    def _destination_down(self, destination: str, state: RetryCallState,
+                          drop: ClaimedDrop) -> None:
         wait = state.next_action.sleep if state.next_action else 0.0
         error = str(state.outcome.exception()) if state.outcome else None
         waiting = len(self.lanes[destination]) - 1 if destination in self.lanes else 0
         if self.state.destination_health(destination, up=False, error=error,
                                          next_try=time.time() + wait):
-            self.log.warning("destination failing; its drops wait in order and are retried",
-                             destination=destination, error=error, next_try_in=round(wait, 1),
-                             drops_waiting=waiting)
+            with self.pipeline.named(drop).scope():  # the error may quote its labels or name
+                self.log.warning("destination failing; its drops wait in order and are "
+                                 "retried", destination=destination, error=error,
+                                 next_try_in=round(wait, 1), drops_waiting=waiting)
         else:
             self.log.debug("retrying", destination=destination, next_try_in=round(wait, 1))
 

@@ -22,7 +22,7 @@ from ..config import SiteConfig
 from ..fsops import UnsafePath
 from ..intake.claim import ClaimedDrop
 from ..intake.watch import is_archive_name
-from ..logs import drop_log, get_logger, phi_pattern, phi_scope
+from ..logs import DropName, drop_log, get_logger, phi_pattern
 from ..outcome.finish import FinishError, complete_finish, finish, finish_pending, plan_target
 from ..outcome.report import DropReport, StudyResult
 from ..outcome.verify import verify_delivery
@@ -75,6 +75,13 @@ class Pipeline:
         route = self._route(drop)
         return route.destination if isinstance(route, Route) else None
 
+    def named(self, drop: ClaimedDrop) -> DropName:
+        """How the service's log and STATUS= name this drop: by its id until its headers have
+        been read, then by its name with its PHI masked."""
+        read = drop.id in self.phi_by_drop
+        return DropName(drop.id, str(drop.inbox.path), drop.relative_origin, drop.name, read,
+                        self.phi_by_drop.get(drop.id))
+
     def process(self, drop: ClaimedDrop, give_up: str | None = None) -> Path:
         """One attempt: deliver what is missing and finish, or raise TransientFailure /
         Interrupted leaving the drop in place. With `give_up`, send nothing and finish as
@@ -86,26 +93,32 @@ class Pipeline:
                 raise TransientFailure(str(exc)) from None
             outcome = "done" if target.parent.parent == drop.inbox.done else "failed"
             self.state.drop_stage(drop.id, "finished", outcome=outcome, target=str(target))
-            get_logger(drop=drop.relative_origin).info("completed an interrupted finish",
-                                                       stage="finish", moved_to=str(target))
+            named = self.named(drop)  # a restart: its headers were not read again
+            with named.scope():
+                get_logger(**named.fields()).info("completed an interrupted finish",
+                                                  stage="finish", moved_to=str(target))
             return target
         with drop_log() as lines:
-            log = get_logger(drop=drop.relative_origin, drop_id=drop.id)
+            named = self.named(drop)
+            log = get_logger(**named.fields())
             report = DropReport(drop)
             started = time.monotonic()
             route = self._route(drop)  # once per attempt: it reads every route.yaml above
             attempt = self.state.start_attempt(
                 drop.id, route.destination if isinstance(route, Route) else None)
-            try:
-                report.scan = scan = self._scan(drop, report)
-            except OSError as exc:  # a full disk while unpacking: worth another try
-                self.state.end_attempt(drop.id, attempt, "TransientFailure", str(exc))
-                log.error("cannot unpack", stage="scan", reason=str(exc))
-                raise TransientFailure(f"cannot unpack {drop.name}: {exc.strerror}; "
-                                       "retried once there is space") from None
+            with named.scope():  # unpack's and the scan's own lines, too
+                try:
+                    report.scan = scan = self._scan(drop, report)
+                except OSError as exc:  # a full disk while unpacking: worth another try
+                    self.state.end_attempt(drop.id, attempt, "TransientFailure", str(exc))
+                    log.error("cannot unpack", stage="scan", reason=str(exc))
+                    raise TransientFailure(f"cannot unpack the archive: {exc.strerror}; "
+                                           "retried once there is space") from None
             report.timings["scan_seconds"] = time.monotonic() - started
             phi = self.phi_by_drop[drop.id] = phi_pattern(scan.phi)
-            with phi_scope(phi):
+            named = self.named(drop)
+            log = get_logger(**named.fields())
+            with named.scope():
                 log.info("scanned", stage="scan", files=len(scan.files), studies=len(scan.studies),
                          **scan.counts())
                 try:
