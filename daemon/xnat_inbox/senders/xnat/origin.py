@@ -54,7 +54,7 @@ def _on_origin(base: str, uri: str) -> str:
         raise RefusedUri("a query or fragment in the URI")
     prefix = ours.path.rstrip("/")
     if not given.path.startswith(prefix + "/data/"):
-        raise RefusedUri(f"not under {prefix or ''}/data/")
+        raise RefusedUri(f"not under {prefix}/data/")
     return given.path[len(prefix):]
 
 
