@@ -128,7 +128,7 @@ def test_xnat_upload_of_a_deidentified_copy_carries_nothing_of_what_follows_the_
     for path in info.files:
         add_trailer(path)
     with FakeXnat({}) as xnat:
-        destination = {"type": "xnat", "url": xnat.url, "username": "alice",
+        destination = {"type": "xnat", "url": xnat.url, "allow_http": True, "username": "alice",
                        "password_file": str(password), "connect_timeout": 3,
                        "retry": {"max_attempts": 2, "initial_backoff": 0.2, "max_backoff": 0.5}}
         config, inbox = make_site(tmp_path, destination,

@@ -284,7 +284,7 @@ def test_archive_with_overwrite_delete_is_refused_by_default_and_xnat_gets_nothi
     password.write_text("alice-pw\n")
     password.chmod(0o600)
     with FakeXnat() as xnat:
-        destination = {"type": "xnat", "url": xnat.url, "username": "alice",
+        destination = {"type": "xnat", "url": xnat.url, "allow_http": True, "username": "alice",
                        "password_file": str(password), "connect_timeout": 3,
                        "retry": {"max_attempts": 2, "initial_backoff": 0.2, "max_backoff": 0.5}}
         # no allow: at all, as in every site config written before limits existed

@@ -71,6 +71,9 @@ class XnatDestination(Strict):
     """XNAT's REST import service (what the Compressed Uploader and Desktop Client use)."""
 
     type: Literal["xnat"]
+    # before url, so that url's check sees it
+    allow_http: bool = Field(False, description="true: a plain http:// url is accepted "
+                             "(with a warning); the password and session cross unencrypted")
     url: str = Field(pattern=r"^https?://[^/?#@\s]+(/[^?#\s]*)?$",
                      description="site URL, e.g. https://xnat.example.org (no credentials)")
     username: str | None = Field(None, min_length=1)
@@ -97,9 +100,23 @@ class XnatDestination(Strict):
                              "($CREDENTIALS_DIRECTORY) or ~/.netrc")
         return data
 
+    @field_validator("url")
+    @classmethod
+    def _https_unless_allowed(cls, value: str, info: ValidationInfo) -> str:
+        if value.startswith("http://") and not info.data.get("allow_http"):
+            raise ValueError(
+                "a plain http:// url sends the password and the session cookie unencrypted: "
+                "use https://, or add allow_http: true to this destination if the network "
+                "path is trusted (e.g. a test server on loopback)")
+        return value
+
     @property
     def host(self) -> str:
         return urlsplit(self.url).hostname or ""
+
+    @property
+    def plain_http(self) -> bool:
+        return self.url.startswith("http://")
 
 
 Destination = Annotated[DicomDestination | XnatDestination, Field(discriminator="type")]
@@ -310,6 +327,13 @@ class SiteConfig(Strict):
                         f"inboxes[{index}].route, or take {name} out of "
                         f"inboxes[{index}].allow.destinations")
         return self
+
+    def warnings(self) -> list[str]:
+        """What the config allows but should not stay so: for `check` and the journal."""
+        return [f"destination {name}: {destination.url} is plain http (allow_http: true): the "
+                "password and the session cookie cross the network unencrypted; use https://"
+                for name, destination in self.destinations.items()
+                if isinstance(destination, XnatDestination) and destination.plain_http]
 
     def settle_for(self, inbox: InboxConfig) -> float:
         return self.settle_seconds if inbox.settle_seconds is None else inbox.settle_seconds

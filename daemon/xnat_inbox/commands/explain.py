@@ -113,6 +113,7 @@ def _xnat_how(config: SiteConfig, routed: RoutedStudy) -> str:
 def check(config: SiteConfig) -> tuple[list[str], bool]:
     """Validate every route.yaml and reach every destination; returns lines and success."""
     lines, ok = [f"config {config.source}: valid"], True
+    lines += [f"warn {warning}" for warning in config.warnings()]
     names = set(config.destinations)
     for inbox in config.inboxes:
         if not inbox.path.is_dir():

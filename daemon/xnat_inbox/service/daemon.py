@@ -21,7 +21,14 @@ from ..logs import DropName, get_logger, set_log_phi, unchecked
 from ..outcome.finish import FinishError, reserve_recorded
 from ..reading.scan_workers import ScanWorkers
 from .pipeline import Interrupted, Pipeline, TransientFailure
-from .reload import InboxError, inbox_changes, load_for_reload, log_reloaded, prepare_inboxes
+from .reload import (
+    InboxError,
+    inbox_changes,
+    load_for_reload,
+    log_reloaded,
+    log_warnings,
+    prepare_inboxes,
+)
 from .state import State
 from .supervise import Supervisor
 
@@ -135,6 +142,7 @@ class Daemon:
             raise StartupError(str(exc)) from None
 
     def start(self) -> None:
+        log_warnings(self.config)
         self.prepare()
         warn_if_links_unprotected()
         for inbox in self.config.inboxes:

@@ -100,3 +100,10 @@ def inbox_changes(old: SiteConfig, new: SiteConfig,
 def log_reloaded(config: SiteConfig) -> None:
     log.info("config reloaded", config=str(config.source), inboxes=len(config.inboxes),
              destinations=sorted(config.destinations))
+    log_warnings(config)
+
+
+def log_warnings(config: SiteConfig) -> None:
+    """What `check` warns about, in the journal at start and after a reload."""
+    for warning in config.warnings():
+        log.warning("config warning", config=str(config.source), warning=warning)

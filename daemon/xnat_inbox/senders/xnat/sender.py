@@ -306,6 +306,9 @@ class XnatSender:
         return self._filed_in(plan, first_uri(response.text), "import")
 
     def _filed_in(self, plan: Plan, uri: str, step: str) -> str:
+        """Where XNAT says the `step` put the data: checked, as the next requests go there."""
+        if uri:
+            uri = self.client.data_path(uri)
         project = project_of(uri)
         if project != plan.project:
             raise XnatHttpError(
