@@ -1,11 +1,12 @@
 """Issue 23, item 10: a drop's report and log, written beside the originals in a setgid lab
-share, are readable by the daemon's own group only: not by the share's group (every lab
-member) and not by the world, whatever the umask."""
+share, are 0640 whatever the umask: the people who copied drops into the share (its group)
+read their outcomes there, nobody else can, and nobody but the daemon can change them."""
 
 from __future__ import annotations
 
 import os
 import stat
+import subprocess
 
 import pytest
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.security
 DAEMON_GROUP = 61009  # the daemon's own group (Group= in the unit), not the lab's
 
 
-def test_reports_in_a_lab_share_are_not_readable_by_other_members(lab, inprocess_scp):
+def test_reports_in_a_lab_share_are_readable_by_its_group_only(lab, inprocess_scp):
     scp = inprocess_scp()
     config = write_config(lab.root, {"pacs": dicom_destination(scp)},
                           [{"path": str(lab.share), "route": {
@@ -43,6 +44,12 @@ def test_reports_in_a_lab_share_are_not_readable_by_other_members(lab, inprocess
     assert outcome == "done", report["reasons"]
     for written in (report_path, report_path.with_name("MR_VICTIM.log")):
         info = written.stat()
-        assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o640, DAEMON_GROUP), written
-    refused = lab.run_as(ATTACKER, ["cat", str(report_path)], check=False)
+        assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o640, GROUP), written
+    assert lab.run_as(ATTACKER, ["cat", str(report_path)]).stdout.startswith("{")
+    assert lab.run_as(ATTACKER, ["sh", "-c", f"echo x >> {report_path}"],
+                      check=False).returncode != 0
+    outsider = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+    refused = subprocess.run([*outsider, "cat", str(report_path)], capture_output=True,
+                             text=True, timeout=60, check=False)
     assert refused.returncode != 0 and "Permission denied" in refused.stderr

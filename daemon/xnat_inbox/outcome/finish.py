@@ -237,7 +237,6 @@ def _write_atomically(dir_fd: int, name: str, text: str) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  REPORT_MODE, dir_fd=dir_fd)
     os.fchmod(fd, REPORT_MODE)  # exactly, whatever the umask
-    os.fchown(fd, -1, os.getegid())  # the daemon's own group, not the setgid share's
     with open(fd, "w", encoding="utf-8", errors="backslashreplace") as out:
         out.write(text)
         out.flush()
