@@ -128,7 +128,7 @@ def complete_finish(drop: ClaimedDrop) -> Path:
                 target = _move_originals(drop, area, day, target)
             for name, suffix in BESIDE.items():
                 if _exists(area, name):
-                    rename_noreplace(area, name, day, target.name + suffix)
+                    _move_beside(area, name, day, target.name + suffix)
             fsync_dir(day)
             if _exists(area, UNPACKED):  # our copy of an archive's content
                 shutil.rmtree(UNPACKED, dir_fd=area)
@@ -166,6 +166,21 @@ def _move_originals(drop: ClaimedDrop, area: int, day: int, target: Path) -> Pat
     _write_atomically(area, COPIED_FILE, json.dumps({"target": target.name}))
     _remove(area, drop.name)
     return target
+
+
+def _move_beside(area: int, name: str, day: int, target: str) -> None:
+    """The report or log into the day folder: renamed, or copied when done/ is on another
+    file system (a crash between copy and unlink leaves the same bytes twice, never none)."""
+    try:
+        rename_noreplace(area, name, day, target)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    with held(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=area)) as fd, \
+            open(fd, "rb", closefd=False) as source:
+        _write_bytes(day, target, source.read())
+    os.unlink(name, dir_fd=area)
 
 
 def _replan(drop: ClaimedDrop, area: int, day: int, taken: Path) -> Path:
@@ -231,14 +246,19 @@ def _remove(dir_fd: int, name: str) -> None:
 
 
 def _write_atomically(dir_fd: int, name: str, text: str) -> None:
+    _write_bytes(dir_fd, name, text.encode("utf-8", errors="backslashreplace"))
+
+
+def _write_bytes(dir_fd: int, name: str, data: bytes) -> None:
+    """`name` in the folder holds `data`, complete or not at all; only the daemon writes it."""
     tmp = f"{name}.tmp"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp, dir_fd=dir_fd)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  REPORT_MODE, dir_fd=dir_fd)
     os.fchmod(fd, REPORT_MODE)  # exactly, whatever the umask
-    with open(fd, "w", encoding="utf-8", errors="backslashreplace") as out:
-        out.write(text)
+    with open(fd, "wb") as out:
+        out.write(data)
         out.flush()
         os.fsync(out.fileno())
     os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
