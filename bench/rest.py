@@ -87,7 +87,8 @@ def run_ours(mode: str, folder: Path, url: str, secret: Path, label: str) -> int
     from xnat_inbox.config import XnatDestination
     from xnat_inbox.senders.xnat.sender import XnatSender
 
-    destination = XnatDestination(type="xnat", url=url, username=USER, password_file=secret)
+    destination = XnatDestination(type="xnat", url=url, allow_http=True, username=USER,
+                                  password_file=secret)
     sender = XnatSender("bench", destination)
     scan_s, send_s = one_drop(folder, sender, label)
     if mode == "warm":

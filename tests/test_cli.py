@@ -78,11 +78,12 @@ def test_explain_shows_grouping_labels_filters_and_destination(tmp_path):
     assert lines[0] == f"Drop {drop}  ({{folder}}=MR_0042, {{parent}}=inbox)"
     assert lines[1] == "Files: 34 (dicom 33, junk 1)"
     assert lines[2] == "  junk       Thumbs.db: system or helper file (Thumbs.db)"
-    assert lines[3] == f"Route: destination scp (from {inbox / 'route.yaml'})"
-    assert lines[4] == f"Study 1: {session.study_uid}: 33 instance(s) in 4 series"
-    assert lines[5] == "  labels: project=Proj subject=[PHI] session=[PHI]_20260115"
-    assert "excluded: SeriesDescription 'Localizer' matches exclude pattern" in lines[7]
-    assert lines[8].endswith("'T1 MPRAGE' MR 12 instance(s): send")
+    assert lines[3].startswith(f"Limits ({config} inboxes[0].allow): destinations any")
+    assert lines[4] == f"Route: destination scp (from {inbox / 'route.yaml'})"
+    assert lines[5] == f"Study 1: {session.study_uid}: 33 instance(s) in 4 series"
+    assert lines[6] == "  labels: project=Proj subject=[PHI] session=[PHI]_20260115"
+    assert "excluded: SeriesDescription 'Localizer' matches exclude pattern" in lines[8]
+    assert lines[9].endswith("'T1 MPRAGE' MR 12 instance(s): send")
     assert "  would send 30 instance(s) to scp" in lines
     assert "SUBJ777" not in result.stdout and "Poe" not in result.stdout
     shown = cli("--config", str(config), "explain", str(drop), "--show-phi").stdout

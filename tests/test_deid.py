@@ -201,7 +201,8 @@ def test_xnat_rest_upload_is_the_deidentified_copy_and_reads_back(tmp_path, daem
     password.write_text("alice-pw\n")
     password.chmod(0o600)
     with FakeXnat({}) as xnat:
-        destination = {"type": "xnat", "url": xnat.url, "username": "alice",
+        destination = {"type": "xnat", "url": xnat.url, "allow_http": True,
+                       "username": "alice",
                        "password_file": str(password), "connect_timeout": 3,
                        "retry": {"max_attempts": 2, "initial_backoff": 0.2, "max_backoff": 0.5}}
         config, inbox = site(tmp_path, None, {**ROUTE, "project": "TEST"})

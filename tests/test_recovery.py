@@ -75,7 +75,7 @@ def test_retry_puts_a_failed_drop_back_and_skips_delivered_studies(tmp_path, inp
     assert resent == ["PB", "PB"]  # the delivered study was not sent again
 
     wrong = cli(config, "retry", str(inbox / "done"))
-    assert wrong.returncode == 1 and "is not a drop folder in any inbox's failed/" in wrong.stderr
+    assert wrong.returncode == 1 and "is not a drop this daemon put in failed/" in wrong.stderr
 
 
 def test_status_lists_waiting_and_sending_from_the_state_database(tmp_path):

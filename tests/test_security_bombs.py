@@ -255,8 +255,6 @@ def sparse_huge_element(folder: Path, size: int = 2**31 - 2) -> None:
         out.write(data[at:])
 
 
-@pytest.mark.xfail(strict=True, reason="the lead's verified open adds defer_size to the header "
-                   "reads after the scan (route, deidentify, outgoing, zipstream): remove this")
 def test_a_sparse_file_with_a_huge_element_does_not_swell_the_daemon(tmp_path, lab):
     with StoreSCP(tmp_path, extra_args=["--ignore"]) as peer:  # receives, stores nothing
         config = lab_site(tmp_path, lab, peer)

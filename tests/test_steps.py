@@ -218,7 +218,8 @@ def test_routing_splice_sends_what_the_pydicom_header_path_sends(tmp_path, synta
             head, offset = splice
             fp.seek(offset)
             sent = head + fp.read()
-        expected = outgoing_header(instance, routed, whole=True)
+        with instance.open() as fp:
+            expected = outgoing_header(instance, routed, fp, whole=True)
         uid = UID(syntax)
         got = _decode(sent, uid)
         assert getattr(got, keyword) == "Project: P Subject: S"
@@ -265,7 +266,8 @@ def test_routing_splice_of_an_element_that_runs_past_the_header_window(tmp_path,
         fp.seek(offset)
         sent = head + fp.read()
     got = _decode(sent, UID(instance.transfer_syntax))
-    expected = outgoing_header(instance, routed, whole=True)
+    with instance.open() as fp:
+        expected = outgoing_header(instance, routed, fp, whole=True)
     assert got.PatientComments == "xnat://P/S/E"
     assert [e.tag for e in got] == [e.tag for e in expected]
     assert got.PixelData == expected.PixelData and len(got.ReferencedImageSequence) == items

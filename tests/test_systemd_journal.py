@@ -22,8 +22,7 @@ from tests.peers import pid_exists
 from tests.systemd_support import drop, site
 from tests.test_e2e_cstore import PHI, copy_in
 from xnat_inbox import journald, logs
-from xnat_inbox.journald import hashed_uid
-from xnat_inbox.logs import configure, get_logger, phi_pattern, phi_scope
+from xnat_inbox.logs import configure, get_logger, hashed_uid, phi_pattern, phi_scope
 
 pytestmark = pytest.mark.systemd
 

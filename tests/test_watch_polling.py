@@ -161,4 +161,4 @@ def test_a_polling_inbox_delivers_a_nested_drop(tmp_path, storescp, daemon):
     outcome, report, _ = wait_for_report(inbox, "NESTED", daemon=proc)
     assert outcome == "done", report["reasons"]
     assert len(storescp.files()) == 3
-    assert [e["drop"] for e in proc.events() if e.get("event") == "claimed"] == ["NESTED"]
+    assert [e["drop"] for e in proc.events() if e.get("event") == "scanned"] == ["NESTED"]

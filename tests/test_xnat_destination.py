@@ -48,7 +48,7 @@ def secret_file(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def xnat_destination(xnat: FakeXnat, tmp_path: Path, **extra: Any) -> dict[str, Any]:
-    return {"type": "xnat", "url": xnat.url, "username": "alice",
+    return {"type": "xnat", "url": xnat.url, "allow_http": True, "username": "alice",
             "password_file": str(secret_file(tmp_path, "xnat.secret", PASSWORD)),
             "connect_timeout": 3, "read_timeout": 30, "retry": RETRY, **extra}
 
@@ -356,7 +356,8 @@ def test_credentials_never_appear_in_logs_or_reports(tmp_path, xnat, daemon):
     token = secret_file(tmp_path, "token", f"{TOKEN_ALIAS}:{TOKEN_SECRET}")
     destinations = {
         "pw": xnat_destination(xnat, tmp_path),
-        "tok": {"type": "xnat", "url": xnat.url, "token_file": str(token), "retry": RETRY},
+        "tok": {"type": "xnat", "url": xnat.url, "allow_http": True, "token_file": str(token),
+                "retry": RETRY},
     }
     inbox = tmp_path / "inbox"
     config = write_config(tmp_path, destinations, [{"path": str(inbox)}])

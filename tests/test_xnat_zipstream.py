@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import io
 import zipfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ def test_a_file_that_changed_size_is_a_local_error(tmp_path, monkeypatch, whole_
 def test_a_big_file_rewritten_between_its_two_reads_is_a_local_error(tmp_path, monkeypatch):
     monkeypatch.setattr(zipstream, "WHOLE_READ", 0)
     # the CRC read saw other bytes than the send read: the check as it is sent trips
-    monkeypatch.setattr(zipstream, "crc32_of", lambda path: 12345)
+    monkeypatch.setattr(zipstream, "crc_and_mtime", lambda member: (12345, datetime.now()))
     with pytest.raises(LocalFileError, match="changed while being sent"):
         b"".join(zip_chunks(_members(tmp_path), "stored", Counter()))
 
@@ -130,6 +131,6 @@ def test_a_file_grown_after_the_scan_fails_the_delivery_not_the_sender(tmp_path,
         sender = XnatSender("x", destination)
         delivery = sender.send(routed, routed.instances)
         sender.close()
-        assert delivery.error and "changed size while being sent" in delivery.error
+        assert delivery.error and "changed since the drop was scanned" in delivery.error
         assert not delivery.transient and not delivery.outcomes
         assert not [r for r in xnat.requests() if r["query"] == "action=commit"]

@@ -18,6 +18,7 @@ from pydantic import (
 )
 from pydicom.datadict import keyword_dict
 
+from .allow import OVERWRITE_LEVELS, InboxAllow, breaches, exceeds
 from .patterns import PatternError, UserPattern
 from .templates import Template, TemplateError
 from .yamlfile import ConfigError, load_yaml, validate
@@ -31,6 +32,8 @@ CONFIG_MAX_BYTES = 1024 * 1024
 #: the least scan_memory_limit a worker can start with (it maps ~200 MiB before reading)
 MIN_SCAN_MEMORY = 512 * 2**20
 LABEL_KEYS = ("project", "subject", "session")
+#: the daemon's work area below each inbox (claimed drops)
+WORK_PARTS = (".xnat-inbox", "work")
 
 #: 1-16 printable ASCII characters, no backslash, not only spaces
 AETitle = Annotated[str, StringConstraints(
@@ -75,6 +78,9 @@ class XnatDestination(Strict):
     """XNAT's REST import service (what the Compressed Uploader and Desktop Client use)."""
 
     type: Literal["xnat"]
+    # before url, so that url's check sees it
+    allow_http: bool = Field(False, description="true: a plain http:// url is accepted "
+                             "(with a warning); the password and session cross unencrypted")
     url: str = Field(pattern=r"^https?://[^/?#@\s]+(/[^?#\s]*)?$",
                      description="site URL, e.g. https://xnat.example.org (no credentials)")
     username: str | None = Field(None, min_length=1)
@@ -101,9 +107,23 @@ class XnatDestination(Strict):
                              "($CREDENTIALS_DIRECTORY) or ~/.netrc")
         return data
 
+    @field_validator("url")
+    @classmethod
+    def _https_unless_allowed(cls, value: str, info: ValidationInfo) -> str:
+        if value.startswith("http://") and not info.data.get("allow_http"):
+            raise ValueError(
+                "a plain http:// url sends the password and the session cookie unencrypted: "
+                "use https://, or add allow_http: true to this destination if the network "
+                "path is trusted (e.g. a test server on loopback)")
+        return value
+
     @property
     def host(self) -> str:
         return urlsplit(self.url).hostname or ""
+
+    @property
+    def plain_http(self) -> bool:
+        return self.url.startswith("http://")
 
 
 Destination = Annotated[DicomDestination | XnatDestination, Field(discriminator="type")]
@@ -191,10 +211,13 @@ class RouteTemplate(Strict):
                              "or private for private tags)")
         return value
 
+    def keys_set(self) -> dict[str, Any]:
+        """The keys this route sets (not None), with their values."""
+        return {key: value for key, value in self if value is not None}
+
     def merged_over(self, parent: RouteTemplate) -> RouteTemplate:
         """This route's keys, falling back to `parent`'s for keys it leaves out."""
-        own = {key: value for key, value in self if value is not None}
-        return parent.model_copy(update=own)
+        return parent.model_copy(update=self.keys_set())
 
 
 class ArchiveLimits(Strict):
@@ -215,8 +238,21 @@ class InboxConfig(Strict):
     failed_dir: Path | None = None
     route: RouteTemplate | None = None
     archives: ArchiveLimits = ArchiveLimits()
+    allow: InboxAllow = InboxAllow()  # what a route.yaml here may ask for
+    #: where this inbox sits in the site config ("/etc/xnat-inbox/config.yaml inboxes[1]"),
+    #: for messages that send the reader there
+    config_key: str = Field("inboxes[?]", exclude=True)
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    @model_validator(mode="after")
+    def _route_within_allow(self) -> InboxConfig:
+        asked = self.route.keys_set() if self.route else {}
+        problems = [f"route.{b.key}: {b.asked} goes past allow.{b.limit_key} ({b.limit}); "
+                    "change one of the two" for b in breaches(asked, self.allow)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @field_validator("poll", mode="before")
     @classmethod
@@ -243,11 +279,11 @@ class InboxConfig(Strict):
     @property
     def work(self) -> Path:
         # inside the inbox, so the claim rename stays on one file system
-        return self.path / ".xnat-inbox" / "work"
+        return self.path.joinpath(*WORK_PARTS)
 
     def reserved(self) -> tuple[Path, ...]:
         """Folders in or beside the inbox that hold our own files and are never drops."""
-        return (self.path / ".xnat-inbox", self.done, self.failed)
+        return (self.path / WORK_PARTS[0], self.done, self.failed)
 
 
 class SiteConfig(Strict):
@@ -292,12 +328,41 @@ class SiteConfig(Strict):
     @model_validator(mode="after")
     def _deid_has_secret(self) -> SiteConfig:
         if self.deid_secret_file is None and any(
-                inbox.route and inbox.route.deidentify not in (None, "off")
-                for inbox in self.inboxes):
-            raise ValueError("an inbox route sets deidentify but deid_secret_file is missing: "
-                             "add deid_secret_file (a file holding the site secret, or a "
+                (inbox.route and inbox.route.deidentify not in (None, "off"))
+                or inbox.allow.deidentify_floor != "off" for inbox in self.inboxes):
+            raise ValueError("an inbox route sets deidentify (or an inbox's allow sets "
+                             "deidentify_floor) but deid_secret_file is missing: add "
+                             "deid_secret_file (a file holding the site secret, or a "
                              "LoadCredential= name)")
         return self
+
+    @model_validator(mode="after")
+    def _overwrite_within_allow(self) -> SiteConfig:
+        """A route that leaves overwrite out sends with the inline route's or the
+        destination's: that must be within every inbox that may send there."""
+        for index, inbox in enumerate(self.inboxes):
+            if inbox.route and inbox.route.overwrite:
+                continue  # the inline route's own, within its allow (see InboxConfig)
+            for name, destination in self.destinations.items():
+                if isinstance(destination, XnatDestination) and \
+                        inbox.allow.allows_destination(name) and \
+                        exceeds(destination.overwrite, inbox.allow.overwrite, OVERWRITE_LEVELS):
+                    default = "" if "overwrite" in inbox.allow.model_fields_set else \
+                        ", the default"
+                    raise ValueError(
+                        f"destinations.{name}.overwrite is {destination.overwrite}, more than "
+                        f"inboxes[{index}].allow.overwrite ({inbox.allow.overwrite}{default}): "
+                        "allow it there, set a lower overwrite in "
+                        f"inboxes[{index}].route, or take {name} out of "
+                        f"inboxes[{index}].allow.destinations")
+        return self
+
+    def warnings(self) -> list[str]:
+        """What the config allows but should not stay so: for `check` and the journal."""
+        return [f"destination {name}: {destination.url} is plain http (allow_http: true): the "
+                "password and the session cookie cross the network unencrypted; use https://"
+                for name, destination in self.destinations.items()
+                if isinstance(destination, XnatDestination) and destination.plain_http]
 
     def settle_for(self, inbox: InboxConfig) -> float:
         return self.settle_seconds if inbox.settle_seconds is None else inbox.settle_seconds
@@ -310,7 +375,9 @@ def load_config(path: Path) -> SiteConfig:
     names = data.get("destinations") if isinstance(data, dict) else None
     context = {"destinations": set(names) if isinstance(names, dict) else None}
     config = validate(SiteConfig, data, path, lines, context)
-    return config.model_copy(update={"source": path})
+    inboxes = [inbox.model_copy(update={"config_key": f"{path} inboxes[{index}]"})
+               for index, inbox in enumerate(config.inboxes)]
+    return config.model_copy(update={"source": path, "inboxes": inboxes})
 
 
 def load_route(path: Path, destinations: set[str] | None,
@@ -328,10 +395,12 @@ __all__ = [
     "LABEL_KEYS",
     "ROUTE_FILE",
     "ROUTE_MAX_BYTES",
+    "WORK_PARTS",
     "ArchiveLimits",
     "ConfigError",
     "Destination",
     "DicomDestination",
+    "InboxAllow",
     "InboxConfig",
     "RetryPolicy",
     "RouteTemplate",

@@ -1,13 +1,15 @@
 """Events to the systemd journal as fields, so `journalctl -u xnat-inbox DESTINATION=xnat-scp`
 finds them: each event key becomes an upper-case field (`drop` → DROP=, `stage` → STAGE=), the
-level becomes PRIORITY=, and a StudyInstanceUID becomes STUDY_UID=, hashed unless log_phi.
+level becomes PRIORITY=, and a StudyInstanceUID becomes STUDY_UID=.
 
-The handler sits behind logs.py's processors, so PHI is masked before anything gets here.
+The handler sits behind logs.py's processors: PHI is masked, the UID hashed and control
+characters escaped before anything gets here. A value that still held a newline could not forge
+a field: libsystemd's sd_journal_sendv sends such a value in the protocol's binary form
+(name, newline, 64-bit length, data); only the stderr fallback splits lines.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -60,11 +62,6 @@ def field_name(key: str) -> str:
     return f"XNAT_{name}"[:64] if name in RESERVED else name
 
 
-def hashed_uid(uid: str) -> str:
-    """A stable stand-in for a UID: the same study has the same value in every entry."""
-    return "sha256:" + hashlib.sha256(uid.encode("utf-8")).hexdigest()[:16]
-
-
 def field_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
@@ -74,8 +71,7 @@ class JournalRenderer:
     key=value pairs, as `journalctl` shows them) and keeps the fields for the handler, which
     formats and sends in one thread (the formatter only sees a copy of the record)."""
 
-    def __init__(self, phi_allowed: Callable[[], bool]) -> None:
-        self.phi_allowed = phi_allowed
+    def __init__(self) -> None:
         self._last = threading.local()
 
     def take_fields(self) -> dict[str, str]:
@@ -86,8 +82,6 @@ class JournalRenderer:
         record = event.get("_record")
         items = {key: value for key, value in event.items()
                  if not key.startswith("_") and value is not None}
-        if isinstance(items.get("study"), str) and not self.phi_allowed():
-            items["study"] = hashed_uid(items["study"])
         fields = {"PRIORITY": str(PRIORITIES.get(str(items.get("level")), 6)),
                   "SYSLOG_IDENTIFIER": IDENTIFIER}
         if "logger" in items:
@@ -111,13 +105,12 @@ class JournalHandler(logging.Handler):
     """Sends each record to journald with its fields. Without systemd-python, or when journald
     refuses, it writes `<priority>message` lines to stderr, which journald also reads."""
 
-    def __init__(self, send: JournalSend | None, phi_allowed: Callable[[], bool],
-                 fallback: TextIO | None = None) -> None:
+    def __init__(self, send: JournalSend | None, fallback: TextIO | None = None) -> None:
         super().__init__()
         self.send = send
         self.fallback = fallback or sys.stderr
         #: the last processor of this handler's formatter
-        self.renderer = JournalRenderer(phi_allowed)
+        self.renderer = JournalRenderer()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator, MutableMapping
+import traceback
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextvars import ContextVar
+from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Literal
 
 import structlog
@@ -52,10 +56,13 @@ def configure(log_format: LogFormat = "console", log_phi: bool = False,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=False),
-        structlog.processors.format_exc_info,  # first, so the masks reach exception text
+        # first, so the masks reach exception text
+        structlog.processors.ExceptionRenderer(exception_text),
         redact_phi,
         mask_secrets,
-        copy_to_drop_log,
+        escape_controls,
+        copy_to_drop_log,  # the drop's own log shows UIDs as its report does
+        hash_study_uid,
     ]
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -65,7 +72,7 @@ def configure(log_format: LogFormat = "console", log_phi: bool = False,
     )
     handler: logging.Handler
     if log_format == "journal":
-        journal = journald.JournalHandler(journald.systemd_python_send(), lambda: _log_phi, stream)
+        journal = journald.JournalHandler(journald.systemd_python_send(), stream)
         handler, final = journal, [journal.renderer]
     else:
         handler = logging.StreamHandler(stream)
@@ -137,13 +144,70 @@ def redact_phi(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappi
 
 
 def _mask(value: Any, pattern: re.Pattern[str], mask: str = REDACTED) -> Any:
+    return _each_string(value, lambda text: pattern.sub(mask, text))
+
+
+def _each_string(value: Any, change: Callable[[str], str]) -> Any:
+    """`value` with `change` applied to every string in it, also in lists and dicts."""
     if isinstance(value, str):
-        return pattern.sub(mask, value)
+        return change(value)
     if isinstance(value, list | tuple):
-        return type(value)(_mask(item, pattern, mask) for item in value)
+        return type(value)(_each_string(item, change) for item in value)
     if isinstance(value, dict):
-        return {key: _mask(item, pattern, mask) for key, item in value.items()}
+        return {key: _each_string(item, change) for key, item in value.items()}
     return value
+
+
+# --- names people chose, in line-based output -------------------------------------------------
+
+def printable(text: str) -> str:
+    """`text` with every character str.isprintable() rejects written as its Python escape
+    (a newline as `\\n`, ESC as `\\x1b`, an undecodable byte of a file name as `\\udcff`): a
+    drop named `MR\\nWATCHDOG=trigger` must not add a line to an sd_notify message or a log."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
+def escape_controls(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """One event, one line: control characters in values (names of drops and files, reasons
+    quoting them) are escaped; a traceback keeps its lines (exception_text escapes its
+    messages)."""
+    for key, value in event.items():
+        if key not in ("exception", "stack"):
+            event[key] = _each_string(value, printable)
+    return event
+
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+
+def exception_text(exc_info: ExcInfo) -> str:
+    """The traceback as Python prints it, but each exception's message escaped: a message that
+    quotes a drop's name must not add lines of its own."""
+    text = "".join(traceback.format_exception(*exc_info))
+    seen: set[int] = set()
+    exc: BaseException | None = exc_info[1]
+    while exc is not None and id(exc) not in seen:  # the chain Python prints (cause, context)
+        seen.add(id(exc))
+        message = str(exc)
+        if message != printable(message):
+            text = text.replace(message, printable(message))
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return text
+
+
+def hashed_uid(uid: str) -> str:
+    """A stable stand-in for a UID: the same study has the same value in every entry."""
+    return "sha256:" + hashlib.sha256(uid.encode("utf-8")).hexdigest()[:16]
+
+
+def hash_study_uid(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A StudyInstanceUID (`study=`) is hashed in every output unless log_phi: it finds a
+    study's lines in the service log, not the study itself."""
+    if not _log_phi and isinstance(event.get("study"), str):
+        event["study"] = hashed_uid(event["study"])
+    return event
 
 
 def phi_variants(values: Iterable[str]) -> set[str]:
@@ -186,6 +250,39 @@ def phi_scope(pattern: re.Pattern[str] | None) -> Iterator[None]:
         _phi_pattern.reset(token)
 
 
+@dataclass(frozen=True)
+class DropName:
+    """How the service's log names one drop. Its name may be the patient's (`Doe_Jane_MRN4711`)
+    and can't be checked before its headers are read: until then a line names the drop by its
+    id and inbox, and the name counts as PHI wherever else it appears (a reason, a path, a
+    traceback). After, the name is shown with the drop's PHI values masked."""
+
+    id: str
+    inbox: str
+    shown: str  # where it came from, relative to the inbox (routing folder/name)
+    name: str  # its own name, as it arrived
+    read: bool = False  # its headers were read: its PHI values are known
+    phi: re.Pattern[str] | None = None
+
+    @property
+    def masked(self) -> str:
+        return redact(self.shown, self.phi)
+
+    def fields(self) -> dict[str, str]:
+        if self.read or _log_phi:
+            return {"drop": self.masked, "drop_id": self.id, "inbox": self.inbox}
+        return {"drop_id": self.id, "inbox": self.inbox}
+
+    def scope(self) -> contextlib.AbstractContextManager[None]:
+        """Mask this drop's PHI in what is logged meanwhile, or its name while it is unread."""
+        return phi_scope(self.phi) if self.read else unchecked(self.name)
+
+
+def unchecked(*names: str | None) -> contextlib.AbstractContextManager[None]:
+    """Mask names from an inbox that no drop's headers have been checked against yet."""
+    return phi_scope(phi_pattern(name for name in names if name))
+
+
 def copy_to_drop_log(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     lines = _drop_lines.get()
     if lines is not None:
@@ -194,7 +291,7 @@ def copy_to_drop_log(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutabl
 
 
 def _plain_line(event: MutableMapping[str, Any]) -> str:
-    skip = {"timestamp", "level", "event", "logger", "exc_info", "exception", "drop"}
+    skip = {"timestamp", "level", "event", "logger", "exc_info", "exception", "drop", "inbox"}
     fields = " ".join(f"{key}={value}" for key, value in event.items() if key not in skip)
     line = f"{event.get('timestamp', '')} {event.get('level', 'info'):<7} {event.get('event', '')}"
     line = f"{line}  {fields}" if fields else line

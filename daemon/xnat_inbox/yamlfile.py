@@ -162,7 +162,11 @@ def validate(
 
 def _describe(error: Mapping[str, Any], path: Path,
               lines: Mapping[KeyPath, int]) -> tuple[int, str]:
-    loc = tuple(part for part in error["loc"] if not _is_union_tag(part))
+    loc: KeyPath = ()
+    for part in error["loc"]:
+        # a tag is dropped, unless it is a key of the file (a destination named "xnat")
+        if not _is_union_tag(part) or (*loc, part) in lines:
+            loc = (*loc, part)
     line = _nearest_line(loc, lines)
     key = _dotted(loc) or "(top level)"
     message = str(error["msg"])

@@ -140,7 +140,8 @@ class FakeXnat:
         self.admin("POST", "/_fake/reset", {"config": dict(config)} if config else {})
 
     def add_fault(self, path_prefix: str = "/data/", **spec: Any) -> dict[str, Any]:
-        """status=, times=, delay_seconds=, drop_connection_after_bytes=, process=, body=."""
+        """status=, times=, delay_seconds=, drop_connection_after_bytes=, process=, body=,
+        content_type=, headers=."""
         return self.admin("POST", "/_fake/faults", dict(spec, path_prefix=path_prefix))[0]
 
     def clear_faults(self) -> None:

@@ -36,7 +36,7 @@ from .api import SMALL_BODY_CAP, Api, Dropped, Response, json_response
 from .state import Auth, XnatError, XnatState
 from .uploads import BodyError, BodyReader
 
-FAULT_KEYS = {"path_prefix", "method", "times", "status", "body", "content_type",
+FAULT_KEYS = {"path_prefix", "method", "times", "status", "body", "content_type", "headers",
               "delay_seconds", "drop_connection_after_bytes", "process"}
 
 
@@ -44,7 +44,8 @@ FAULT_KEYS = {"path_prefix", "method", "times", "status", "body", "content_type"
 class Fault:
     """One fault switch: matches requests by path prefix (and method), `times` times.
 
-    status: answer this instead (the request is not processed, unless process=true).
+    status: answer this instead (the request is not processed, unless process=true), with
+        `body`, `content_type` and extra `headers` (e.g. a Location).
     delay_seconds: wait this long before answering (the request itself is processed).
     drop_connection_after_bytes: read that much of the body, then reset the connection
         without answering (an import keeps the entries read so far, RECEIVING).
@@ -60,6 +61,7 @@ class Fault:
     status: int | None = None
     body: str | None = None
     content_type: str = "text/plain"
+    headers: dict[str, str] | None = None
     delay_seconds: float = 0.0
     drop_connection_after_bytes: int | None = None
     process: bool = False
@@ -73,7 +75,7 @@ class Fault:
         status = self.status or 500
         reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
         body = self.body if self.body is not None else f"{status} {reason}"
-        return Response(status, body.encode(), self.content_type)
+        return Response(status, body.encode(), self.content_type, dict(self.headers or {}))
 
 
 class FaultTable:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+from ..allow import breaches
 from ..config import ROUTE_FILE, ConfigError, InboxConfig, SiteConfig, XnatDestination, load_route
 from ..intake.claim import ClaimedDrop
 from ..intake.watch import routing_folders
@@ -50,6 +51,7 @@ def explain(config: SiteConfig, path: Path, show_phi: bool = False,
     for entry in scan.files:
         if entry.kind is not Kind.DICOM:
             yield f"  {entry.kind.value:<10} {entry.rel}: {entry.reason}"
+    yield f"Limits ({inbox.config_key}.allow): {inbox.allow.describe()}"
     try:
         route = resolve_route(drop, set(config.destinations))
     except RouteError as exc:
@@ -111,19 +113,20 @@ def _xnat_how(config: SiteConfig, routed: RoutedStudy) -> str:
 def check(config: SiteConfig) -> tuple[list[str], bool]:
     """Validate every route.yaml and reach every destination; returns lines and success."""
     lines, ok = [f"config {config.source}: valid"], True
+    lines += [f"warn {warning}" for warning in config.warnings()]
     names = set(config.destinations)
     for inbox in config.inboxes:
         if not inbox.path.is_dir():
             lines.append(f"FAIL inbox {inbox.path}: not a folder")
             ok = False
             continue
+        if "allow" not in inbox.model_fields_set:
+            lines.append(f"note {inbox.config_key} has no allow: a route.yaml there may send to "
+                         "any destination and project (overwrite up to append)")
         for route_file in route_files(inbox):
-            try:
-                load_route(route_file, names)
-                lines.append(f"ok   {route_file}")
-            except ConfigError as exc:
-                lines.append(f"FAIL {exc}")
-                ok = False
+            problems = _route_file_problems(route_file, names, inbox)
+            lines += [f"FAIL {problem}" for problem in problems] or [f"ok   {route_file}"]
+            ok = ok and not problems
     for name, destination in config.destinations.items():
         try:
             lines.append(f"ok   destination {name}: {make_sender(name, destination).check()}")
@@ -131,6 +134,17 @@ def check(config: SiteConfig) -> tuple[list[str], bool]:
             lines.append(f"FAIL destination {name}: {exc}")
             ok = False
     return lines, ok
+
+
+def _route_file_problems(route_file: Path, names: set[str], inbox: InboxConfig) -> list[str]:
+    """What is wrong with one route.yaml on its own: its form, then what it asks past the
+    inbox's limits (a project template is checked per study, by explain)."""
+    try:
+        template = load_route(route_file, names)
+    except ConfigError as exc:
+        return [str(exc)]
+    return [breach.message(str(route_file), inbox.config_key)
+            for breach in breaches(template.keys_set(), inbox.allow)]
 
 
 def route_files(inbox: InboxConfig) -> Iterator[Path]:

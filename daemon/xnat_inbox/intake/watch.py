@@ -21,7 +21,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from ..config import ROUTE_FILE, InboxConfig
-from ..logs import get_logger
+from ..logs import get_logger, unchecked
 from .polling import PruningPollingEmitter
 
 #: file systems whose remote writes never reach inotify
@@ -57,7 +57,13 @@ class DropRef:
 
 
 def is_routing_folder(path: Path) -> bool:
-    return os.path.isfile(path / ROUTE_FILE) and not os.path.islink(path)
+    """A folder with a route.yaml (which must be a regular file: a link there fails the drops
+    below it with the reason, rather than quietly making them part of a parent's route)."""
+    try:
+        return not os.path.islink(path) and \
+            not stat.S_ISDIR(os.lstat(path / ROUTE_FILE).st_mode)
+    except OSError:
+        return False
 
 
 def is_archive_name(name: str) -> bool:
@@ -224,8 +230,9 @@ class InboxWatcher(FileSystemEventHandler):
     def _note_symlink(self, path: Path) -> None:
         if path not in self.symlinks_noted:
             self.symlinks_noted.add(path)
-            log.warning("symbolic link in an inbox: not followed, left in place; copy the "
-                        "files themselves", path=str(path))
+            with unchecked(path.name):  # it may be named after the patient
+                log.warning("symbolic link in an inbox: not followed, left in place; copy the "
+                            "files themselves", path=str(path))
 
     def _never_polled(self, entry: os.DirEntry[str]) -> bool:
         return entry.name.startswith(".") or entry.path in self.reserved
@@ -255,7 +262,8 @@ class InboxWatcher(FileSystemEventHandler):
             try:
                 self.watches[path] = self.observer.schedule(self, str(path), recursive=recursive)
             except OSError as exc:  # gone already, or out of inotify watches
-                log.warning("cannot watch folder", folder=str(path), reason=exc.strerror)
+                with unchecked(self._drop_name(path)):
+                    log.warning("cannot watch folder", folder=str(path), reason=exc.strerror)
 
     def _watch_drop(self, ref: DropRef) -> None:
         if ref.name is not None and os.path.isdir(ref.path) and not os.path.islink(ref.path):
@@ -269,7 +277,13 @@ class InboxWatcher(FileSystemEventHandler):
         try:
             self._touch_drops_of(event)
         except Exception:  # an exception here would silently end the observer thread
-            log.exception("cannot handle a file system event", path=str(event.src_path))
+            with unchecked(self._drop_name(Path(os.fsdecode(event.src_path)))):
+                log.exception("cannot handle a file system event", path=str(event.src_path))
+
+    def _drop_name(self, path: Path) -> str | None:
+        """The name of the drop `path` is in: not checked for PHI before its headers are read."""
+        ref = drop_for_path(self.inbox, path)
+        return ref.name if ref else None
 
     def _touch_drops_of(self, event: FileSystemEvent) -> None:
         for raw in (event.src_path, getattr(event, "dest_path", "")):
@@ -277,8 +291,7 @@ class InboxWatcher(FileSystemEventHandler):
                 continue
             path = Path(os.fsdecode(raw))
             ref = drop_for_path(self.inbox, path)
-            if ref is not None and ref.name is None and path.parent == ref.folder and \
-                    os.path.islink(path):
+            if ref is not None and path.parent == ref.folder and os.path.islink(path):
                 self._note_symlink(path)
                 continue
             if ref is None and path.name == ROUTE_FILE and path.parent != self.inbox.path:

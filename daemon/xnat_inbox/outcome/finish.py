@@ -3,30 +3,50 @@
 
 The target is chosen and recorded, with the report and the log, in the drop's work folder
 before anything moves; a crash at any point is completed at the next start
-(`complete_finish`), so a drop is never left in done/ without its report, nor twice."""
+(`complete_finish`), so a drop is never left in done/ without its report, nor twice.
+
+done/ and failed/ are the daemon's own folders: made by it, readable by the inbox's group,
+writable by nobody else, checked through directory handles before every move. Nothing is
+ever renamed over something already there, and an original is removed only once its copy in
+done/ or failed/ is proven to be ours and complete.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import stat
 import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..fsops import fsync_dir
+from ..config import InboxConfig
+from ..fsops import (
+    OWN_DIR_MODE,
+    UnsafePath,
+    fsync_dir,
+    held,
+    is_component,
+    own_folders,
+    rename_noreplace,
+)
 from ..intake.claim import ClaimedDrop, release_area
 from ..reading.unpack import UNPACKED
 from .safecopy import CopyError, copy_verified
 
 FINISH_FILE = "finish.json"
+#: written once a copy across file systems is complete and verified: the source may go
+COPIED_FILE = "copied.json"
 BESIDE = {"report.json": ".report.json", "drop.log": ".log"}  # work-area name: suffix
+#: the report and log beside the originals: the daemon's group may read them, nobody else
+REPORT_MODE = 0o640
 
 # Targets chosen and not moved into yet. Lanes finish in parallel: two drops of the same name
-# (from two routing folders) must not both be given the same free name, or the second would
-# find it taken, believe it its own completed copy and remove its originals.
+# (from two routing folders) must not both be given the same free name.
 _planned: set[Path] = set()
 _planned_lock = threading.Lock()
 
@@ -35,34 +55,42 @@ class FinishError(Exception):
     """The drop could not be moved on; it stays in the work area and is resumed later."""
 
 
+def outcome_folder(inbox: InboxConfig, ok: bool, day: str | None = None) -> int:
+    """A descriptor of done/ or failed/ (and its day folder), made if missing; UnsafePath if
+    someone else made or replaced one of them."""
+    folder = inbox.done if ok else inbox.failed
+    names = [folder.name, *([day] if day else [])]
+    return own_folders(folder.parent, names, (OWN_DIR_MODE, OWN_DIR_MODE), evict=True)
+
+
 def plan_target(drop: ClaimedDrop, ok: bool, when: datetime) -> Path:
     """Where the originals will go: done/ or failed/YYYY-MM-DD/<name>, a free name."""
-    folder = (drop.inbox.done if ok else drop.inbox.failed) / f"{when:%Y-%m-%d}"
+    day = f"{when:%Y-%m-%d}"
+    folder = (drop.inbox.done if ok else drop.inbox.failed) / day
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        with held(outcome_folder(drop.inbox, ok, day)) as fd, _planned_lock:
+            target = folder / free_name(fd, folder, drop.name)
+            _planned.add(target)
     except OSError as exc:
-        raise FinishError(f"cannot create {folder}: {exc.strerror}; the drop stays in the work "
-                          "area and is resumed at the next start") from None
-    with _planned_lock:
-        target = free_name(folder, drop.name)
-        _planned.add(target)
+        raise FinishError(f"cannot use {folder}: {_why(exc)}; the drop stays in the work area "
+                          "and is resumed at the next start") from None
     return target
 
 
-def free_name(folder: Path, name: str) -> Path:
-    """`name` in `folder`, with -1, -2, ... when it (or its report) is taken or planned."""
+def free_name(folder_fd: int, folder: Path, name: str) -> str:
+    """`name` in the folder, with -1, -2, ... when it (or its report) is taken or planned."""
     candidate, n = name, 0
     while folder / candidate in _planned or any(
-            os.path.lexists(folder / f"{candidate}{suffix}") for suffix in ("", *BESIDE.values())):
+            _exists(folder_fd, f"{candidate}{suffix}") for suffix in ("", *BESIDE.values())):
         n += 1
         candidate = f"{name}-{n}"
-    return folder / candidate
+    return candidate
 
 
 def reserve_recorded(drop: ClaimedDrop) -> None:
     """At start-up: a finish recorded before a restart keeps its target from new drops."""
     if finish_pending(drop):
-        with _planned_lock:
+        with contextlib.suppress(FinishError, OSError, ValueError, KeyError), _planned_lock:
             _planned.add(_recorded_target(drop))
 
 
@@ -74,76 +102,169 @@ def _release(target: Path) -> None:
 def finish(drop: ClaimedDrop, target: Path, report: dict[str, Any], log_lines: list[str]) -> Path:
     """Record the plan, then move the originals and put the report and log beside them."""
     try:
-        _write_atomically(drop.area / "report.json", json.dumps(report, indent=2) + "\n")
-        _write_atomically(drop.area / "drop.log", "\n".join(log_lines) + "\n")
-        _write_atomically(drop.area / FINISH_FILE, json.dumps({"target": str(target)}))
+        with held(drop.in_area().open()) as area:
+            _write_atomically(area, "report.json", json.dumps(report, indent=2) + "\n")
+            _write_atomically(area, "drop.log", "\n".join(log_lines) + "\n")
+            _write_atomically(area, FINISH_FILE, json.dumps({"target": str(target)}))
     except OSError as exc:
         _release(target)  # nothing recorded: the next attempt plans afresh
-        raise FinishError(f"cannot write the report in {drop.area}: {exc.strerror}; the drop "
+        raise FinishError(f"cannot write the report in {drop.area}: {_why(exc)}; the drop "
                           "stays in the work area and is resumed at the next start") from None
     return complete_finish(drop)
 
 
 def finish_pending(drop: ClaimedDrop) -> bool:
-    return (drop.area / FINISH_FILE).exists()
+    return os.path.lexists(drop.area / FINISH_FILE)
 
 
 def complete_finish(drop: ClaimedDrop) -> Path:
     """Carry out a recorded finish; safe to call again after a crash at any point."""
     target = _recorded_target(drop)
     try:
-        if os.path.lexists(drop.path):
-            if os.path.lexists(target):
-                # only a complete, verified copy is ever renamed to the target
-                remove(drop.path)
-            else:
-                _move(drop, target)
-        for name, suffix in BESIDE.items():
-            if (drop.area / name).exists():
-                shutil.move(drop.area / name, target.with_name(target.name + suffix))
+        with held(drop.in_area().open()) as area, \
+                held(outcome_folder(drop.inbox, _is_done(drop, target),
+                                    target.parent.name)) as day:
+            if _exists(area, drop.name):
+                target = _move_originals(drop, area, day, target)
+            for name, suffix in BESIDE.items():
+                if _exists(area, name):
+                    _move_beside(area, name, day, target.name + suffix)
+            fsync_dir(day)
+            if _exists(area, UNPACKED):  # our copy of an archive's content
+                shutil.rmtree(UNPACKED, dir_fd=area)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(COPIED_FILE, dir_fd=area)
     except (OSError, CopyError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else str(exc)
-        raise FinishError(f"cannot move {drop.path} to {target}: {why}; the drop stays "
+        raise FinishError(f"cannot move {drop.path} to {target}: {_why(exc)}; the drop stays "
                           "in the work area and is resumed at the next start") from None
-    shutil.rmtree(drop.area / UNPACKED, ignore_errors=True)  # our copy of an archive's content
     release_area(drop, FINISH_FILE)
     _release(target)
     return target
 
 
-def _recorded_target(drop: ClaimedDrop) -> Path:
-    return Path(json.loads((drop.area / FINISH_FILE).read_text(encoding="utf-8"))["target"])
-
-
-def _move(drop: ClaimedDrop, target: Path) -> None:
+def _move_originals(drop: ClaimedDrop, area: int, day: int, target: Path) -> Path:
+    """Rename the originals into the day folder (never over anything); the target actually
+    used, a new free name when the planned one was taken meanwhile by anything not ours."""
+    if _exists(day, target.name):
+        if _copied_to(area) == target.name:
+            _remove(area, drop.name)  # the verified copy is there: what a crash left to do
+            return target
+        target = _replan(drop, area, day, target)
     try:
-        os.rename(drop.path, target)
+        rename_noreplace(area, drop.name, day, target.name)
+        return target
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    # done/ on another file system: copy under a temporary name, verify, rename, record, and
+    # only then remove the source, so a crash at any point leaves at least one complete copy
+    partial = f".{target.name}.partial-{drop.id}"
+    _remove(day, partial)  # our own unfinished copy from before a crash, if any
+    copy_verified(_through(area, drop.name), _through(day, partial))
+    rename_noreplace(day, partial, day, target.name)
+    fsync_dir(day)
+    _write_atomically(area, COPIED_FILE, json.dumps({"target": target.name}))
+    _remove(area, drop.name)
+    return target
+
+
+def _move_beside(area: int, name: str, day: int, target: str) -> None:
+    """The report or log into the day folder: renamed, or copied when done/ is on another
+    file system (a crash between copy and unlink leaves the same bytes twice, never none)."""
+    try:
+        rename_noreplace(area, name, day, target)
         return
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-    # done/ on another file system: copy under a temporary name, verify, rename, and only then
-    # remove the source, so a crash at any point leaves at least one complete copy
-    partial = target.with_name(f".{target.name}.partial-{drop.id}")
-    remove(partial)  # our own unfinished copy from before a crash, if any
-    copy_verified(drop.path, partial)
-    os.rename(partial, target)
-    fsync_dir(target.parent)
-    remove(drop.path)
+    with held(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=area)) as fd, \
+            open(fd, "rb", closefd=False) as source:
+        _write_bytes(day, target, source.read())
+    os.unlink(name, dir_fd=area)
 
 
-def remove(path: Path) -> None:
-    """Remove a file or a folder tree; only ever called on a path with a verified copy."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.unlink(path)
+def _replan(drop: ClaimedDrop, area: int, day: int, taken: Path) -> Path:
+    """The planned name was taken by something the daemon did not put there: never remove
+    the originals for it; choose another name and record it before moving."""
+    with _planned_lock:
+        target = taken.parent / free_name(day, taken.parent, drop.name)
+        _planned.add(target)
+    _release(taken)
+    _write_atomically(area, FINISH_FILE, json.dumps({"target": str(target)}))
+    return target
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as out:
-        out.write(text)
+def _recorded_target(drop: ClaimedDrop) -> Path:
+    """The recorded target, believed only inside this inbox's done/ or failed/."""
+    with held(drop.in_area(FINISH_FILE).open()) as fd:
+        target = Path(json.loads(os.read(fd, 1 << 16).decode("utf-8"))["target"])
+    if not is_component(target.name) or not is_component(target.parent.name) or \
+            target.parent.parent not in (drop.inbox.done, drop.inbox.failed):
+        raise FinishError(f"{drop.area / FINISH_FILE}: its target {target} is not in this "
+                          "inbox's done/ or failed/; left for a person")
+    return target
+
+
+def _is_done(drop: ClaimedDrop, target: Path) -> bool:
+    return target.parent.parent == drop.inbox.done
+
+
+def _copied_to(area: int) -> str | None:
+    try:
+        fd = os.open(COPIED_FILE, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=area)
+    except FileNotFoundError:
+        return None
+    with held(fd):
+        return str(json.loads(os.read(fd, 1 << 16).decode("utf-8"))["target"])
+
+
+def _through(dir_fd: int, name: str) -> Path:
+    """A path to `name` in the folder held by `dir_fd` that no rename of the folders above it
+    can redirect (the kernel resolves the descriptor itself)."""
+    return Path(f"/proc/self/fd/{dir_fd}") / name
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _remove(dir_fd: int, name: str) -> None:
+    """Remove a file or folder tree in a folder of ours; only ever called on a path with a
+    verified copy, or on our own unfinished copy."""
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _write_atomically(dir_fd: int, name: str, text: str) -> None:
+    _write_bytes(dir_fd, name, text.encode("utf-8", errors="backslashreplace"))
+
+
+def _write_bytes(dir_fd: int, name: str, data: bytes) -> None:
+    """`name` in the folder holds `data`, complete or not at all; only the daemon writes it."""
+    tmp = f"{name}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=dir_fd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 REPORT_MODE, dir_fd=dir_fd)
+    os.fchmod(fd, REPORT_MODE)  # exactly, whatever the umask
+    with open(fd, "wb") as out:
+        out.write(data)
         out.flush()
         os.fsync(out.fileno())
-    os.rename(tmp, path)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, UnsafePath):
+        return str(exc)
+    return exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)

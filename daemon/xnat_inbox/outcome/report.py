@@ -78,6 +78,9 @@ class DropReport:
             },
             "route": {"sources": list(self.route.sources), "destination": self.route.destination}
             if self.route else None,
+            # what a route.yaml in this inbox may ask for, and where the site admin sets it
+            "limits": {"config": f"{self.drop.inbox.config_key}.allow",
+                       **self.drop.inbox.allow.model_dump(mode="json")},
             "timings": {
                 "claimed_at": self.drop.claimed_at.isoformat(),
                 "finished_at": finished_at.isoformat(),

@@ -45,14 +45,14 @@ PLAIN_TAGS = frozenset({*REQUIRED_UIDS, *PHI_TAG_NUMBERS, 0x00080005, 0x00080060
                         0x00200011, 0x00200013})
 
 
-def read_header(path: Path, rel: str, size: int, phi: set[str]) -> FileEntry:
-    with open(path, "rb") as stream:
-        if (plain := plain_instance(stream, path, rel, size, phi)) is not None:
-            return plain
-        stream.seek(0)
-        preamble = has_preamble(stream.read(132))
-        stream.seek(0)
-        return pydicom_header(stream, preamble, path, rel, size, phi)
+def read_header(stream: BinaryIO, path: Path, rel: str, size: int, phi: set[str]) -> FileEntry:
+    """The header of the file open as `stream` (`path`: where it lies, for the instance)."""
+    if (plain := plain_instance(stream, path, rel, size, phi)) is not None:
+        return plain
+    stream.seek(0)
+    preamble = has_preamble(stream.read(132))
+    stream.seek(0)
+    return pydicom_header(stream, preamble, path, rel, size, phi)
 
 
 def pydicom_header(stream: BinaryIO, preamble: bool, path: Path, rel: str, size: int,

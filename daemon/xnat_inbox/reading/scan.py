@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 from ..config import ROUTE_FILE
+from ..fsops import FileStamp, TrustedPath, UnsafePath, held, open_entry
 from .headers import read_header
 from .scanned import FileEntry, Instance, Kind, ScanResult, Series, Study
 
@@ -18,53 +20,122 @@ JUNK_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", ".ds_store", 
 JUNK_SUFFIXES = (".log", ".tmp", ".bak", ".lnk")
 
 
-def scan_drop(root: Path, ready_marker: str | None = None) -> ScanResult:
-    """Classify every file under `root` and group the DICOM instances."""
+#: folders nested deeper than this in a drop are not read (the walk holds a descriptor per
+#: level: a hostile tree must not exhaust them)
+MAX_DEPTH = 256
+
+
+def scan_drop(root: Path | TrustedPath, ready_marker: str | None = None) -> ScanResult:
+    """Classify every file under `root` and group the DICOM instances. A plain `root` is
+    trusted as it is (a command's argument); below it nothing is followed through a link.
+    UnsafePath when `root` itself is not a folder (e.g. a link put in a drop's place)."""
+    trusted = root if isinstance(root, TrustedPath) else TrustedPath(root)
     files: list[FileEntry] = []
     phi: set[str] = set()
-    for path, info in _walk(root):
-        rel = str(path.relative_to(root))
-        files.append(classify(path, rel, info, phi, ready_marker))
+    with held(trusted.open()) as root_fd:
+        if not stat.S_ISDIR(os.fstat(root_fd).st_mode):
+            raise UnsafePath(0, "not a folder", str(trusted.path))
+        for rel, info, folder_fd in _walk(root_fd):
+            files.append(classify(trusted, rel, info, folder_fd, phi, ready_marker))
+    files.sort(key=lambda entry: entry.rel)
     studies = group(files)
-    return ScanResult(root, files, studies, phi)
+    return ScanResult(trusted.path, files, studies, phi)
 
 
-def _walk(root: Path) -> list[tuple[Path, os.stat_result]]:
-    """Every entry below root (files, links, specials; not directories), in a stable order."""
-    found: list[tuple[Path, os.stat_result]] = []
-    pending = [root]
-    while pending:
-        folder = pending.pop()
+def _walk(root_fd: int) -> Iterator[tuple[str, os.stat_result, int]]:
+    """Every entry below the root (files, links, specials; not folders) with the descriptor of
+    its folder, depth first, one descriptor open per level; a sub-folder is opened relative to
+    its parent, never through a link, so one swapped for a link meanwhile is reported as a
+    link, not read."""
+    stack: list[tuple[int, str, Iterator[str]]] = []
+    subfolders = yield from _entries(root_fd, "", 0)
+    stack.append((os.dup(root_fd), "", iter(subfolders)))
+    while stack:
+        folder_fd, prefix, pending = stack[-1]
+        name = next(pending, None)
+        if name is None:
+            os.close(folder_fd)
+            stack.pop()
+            continue
+        rel = f"{prefix}{name}"
         try:
-            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+            child = open_entry(folder_fd, name, Path(rel), directory=True)
+        except UnsafePath:  # swapped for a link since it was listed
+            if (info := _lstat(folder_fd, name)) is not None:
+                yield rel, info, folder_fd
+            continue
         except OSError:
-            continue  # an unreadable folder: its files are counted by the finish step's move
-        for entry in entries:
-            path = Path(entry.path)
-            info = os.lstat(path)
-            if stat.S_ISDIR(info.st_mode):
-                pending.append(path)
-            else:
-                found.append((path, info))
-    return sorted(found, key=lambda item: str(item[0]))
+            continue  # unreadable: its files are counted by the finish step's move
+        try:
+            subfolders = yield from _entries(child, f"{rel}/", len(stack))
+        except BaseException:
+            os.close(child)
+            raise
+        stack.append((child, f"{rel}/", iter(subfolders)))
+    # (a generator closed early leaves descriptors to the garbage collector: scans never stop)
 
 
-def classify(path: Path, rel: str, info: os.stat_result, phi: set[str],
+def _entries(folder_fd: int, prefix: str,
+             depth: int) -> Generator[tuple[str, os.stat_result, int], None, list[str]]:
+    """Yield the folder's non-folder entries (and folders past MAX_DEPTH); return the names of
+    the sub-folders to walk."""
+    try:
+        entries = sorted(os.scandir(folder_fd), key=lambda entry: entry.name)
+    except OSError:
+        return []  # an unreadable folder: its files are counted by the finish step's move
+    subfolders = []
+    for entry in entries:
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue  # gone meanwhile
+        if stat.S_ISDIR(info.st_mode) and depth < MAX_DEPTH:
+            subfolders.append(entry.name)
+        else:
+            yield f"{prefix}{entry.name}", info, folder_fd
+    return subfolders
+
+
+def _lstat(folder_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def classify(root: TrustedPath, rel: str, info: os.stat_result, folder_fd: int, phi: set[str],
              ready_marker: str | None = None) -> FileEntry:
+    if stat.S_ISDIR(info.st_mode):
+        return FileEntry(rel, 0, Kind.SPECIAL, f"a folder nested over {MAX_DEPTH} levels deep: "
+                         "not read, kept with the drop")
     if stat.S_ISLNK(info.st_mode):
         return FileEntry(rel, 0, Kind.SYMLINK, "symbolic link: not followed, kept with the drop")
     if not stat.S_ISREG(info.st_mode):
         return FileEntry(rel, 0, Kind.SPECIAL, "not a regular file (FIFO, socket or device): "
                          "not opened, kept with the drop")
+    path = root.path / rel
     junk = _junk_reason(path, rel, ready_marker)
     if junk:
         return FileEntry(rel, info.st_size, Kind.JUNK, junk)
     if info.st_size == 0:
         return FileEntry(rel, 0, Kind.NOT_DICOM, "empty file (0 bytes)")
     try:
-        return read_header(path, rel, info.st_size, phi)
+        fd = open_entry(folder_fd, path.name, path)
+    except UnsafePath as exc:
+        return FileEntry(rel, 0, Kind.SYMLINK, f"{exc.strerror} (replaced while the drop was "
+                         "read), kept with the drop")
     except OSError as exc:
         return FileEntry(rel, info.st_size, Kind.UNREADABLE, f"cannot read: {exc.strerror}")
+    with open(fd, "rb") as stream:
+        opened = os.fstat(fd)
+        try:
+            entry = read_header(stream, path, rel, opened.st_size, phi)
+        except OSError as exc:
+            return FileEntry(rel, info.st_size, Kind.UNREADABLE, f"cannot read: {exc.strerror}")
+    if entry.instance is not None:
+        entry.instance.root = root
+        entry.instance.stamp = FileStamp.of(opened)
+    return entry
 
 
 def _junk_reason(path: Path, rel: str, ready_marker: str | None) -> str | None:
@@ -114,7 +185,7 @@ def group(files: list[FileEntry]) -> dict[str, Study]:
 def _mark_duplicate(entry: FileEntry, earlier: FileEntry, study: Study) -> None:
     assert entry.instance is not None and earlier.instance is not None
     entry.kind = Kind.DUPLICATE
-    if _same_content(entry.instance.path, earlier.instance.path):
+    if _same_content(entry.instance, earlier.instance):
         entry.reason = f"same SOPInstanceUID and content as {earlier.rel}: sent once"
         return
     entry.reason = f"same SOPInstanceUID as {earlier.rel} but different content"
@@ -122,14 +193,14 @@ def _mark_duplicate(entry: FileEntry, earlier: FileEntry, study: Study) -> None:
                           "remove the wrong one and drop the study again")
 
 
-def _same_content(a: Path, b: Path) -> bool:
-    if a.stat().st_size != b.stat().st_size:
+def _same_content(a: Instance, b: Instance) -> bool:
+    if a.size != b.size:
         return False
     return _digest(a) == _digest(b)
 
 
-def _digest(path: Path) -> str:
-    with open(path, "rb") as stream:
+def _digest(instance: Instance) -> str:
+    with instance.open() as stream:
         return hashlib.file_digest(stream, "sha256").hexdigest()
 
 

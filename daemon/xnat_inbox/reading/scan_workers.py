@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ArchiveLimits
+from ..fsops import TrustedPath
 from ..logs import get_logger
 from .scan import ScanResult, scan_drop
 from .unpack import unpack
@@ -51,19 +52,20 @@ log = get_logger(step="scan")
 
 @dataclass(frozen=True)
 class ReadJob:
-    """One drop to read: a claimed folder, or an archive unpacked first into `unpack_into`."""
+    """One drop to read: the folder `root`, into which `archive` (if any) is unpacked first."""
 
-    path: Path
-    unpack_into: Path | None = None
+    root: Path | TrustedPath
+    archive: Path | None = None
     limits: ArchiveLimits = field(default_factory=ArchiveLimits)
     ready_marker: str | None = None
 
 
 def read_drop(job: ReadJob) -> ScanResult:
-    """Unpack (archives) and scan; UnpackError and OSError (a full disk) pass."""
-    root = job.path if job.unpack_into is None else unpack(job.path, job.unpack_into,
-                                                             job.limits)
-    return scan_drop(root, job.ready_marker)
+    """Unpack (archives) and scan; UnpackError, UnsafePath and OSError (a full disk) pass."""
+    if job.archive is not None:
+        unpack(job.archive, job.root.path if isinstance(job.root, TrustedPath) else job.root,
+               job.limits)
+    return scan_drop(job.root, job.ready_marker)
 
 
 class WorkerLost(Exception):
@@ -117,7 +119,7 @@ class ScanWorkers:
             raise value
         return value
 
-    def scan(self, root: Path, ready_marker: str | None = None) -> ScanResult:
+    def scan(self, root: Path | TrustedPath, ready_marker: str | None = None) -> ScanResult:
         """A folder's scan (for tests and tools): read() without unpacking."""
         return self.read(ReadJob(root, ready_marker=ready_marker))
 

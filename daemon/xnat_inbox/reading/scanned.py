@@ -3,9 +3,13 @@ and studies. Every later step reads these; only the scan makes them."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import BinaryIO
+
+from ..fsops import FileStamp, TrustedPath, UnsafePath, held, open_beneath
 
 
 class Kind(StrEnum):
@@ -33,6 +37,20 @@ class Instance:
     series_number: str
     series_description: str
     modality: str
+    root: TrustedPath | None = None  # the drop's folder the scan read it from
+    stamp: FileStamp | None = None  # the file as the scan read it
+
+    def open(self) -> BinaryIO:
+        """The file the scan read, opened again below the drop's folder without following a
+        link; UnsafePath if it is no longer that file (replaced, or changed in size or time)."""
+        root = self.root or TrustedPath(self.path.parents[len(Path(self.rel).parts) - 1])
+        with held(root.open()) as root_fd:
+            fd = open_beneath(root_fd, self.rel, root.path)
+        if self.stamp is not None and FileStamp.of(os.fstat(fd)) != self.stamp:
+            os.close(fd)
+            raise UnsafePath(0, "changed since the drop was scanned (another file, or another "
+                             "size or time): not sent", self.rel)
+        return os.fdopen(fd, "rb")
 
 
 @dataclass

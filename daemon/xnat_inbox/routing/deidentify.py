@@ -4,7 +4,8 @@
 by the dicom-anonymizer package (KitwareMedical), with our own actions: its UID replacement is
 random per process, but XNAT's merge needs the same new StudyInstanceUID for every series and
 every later drop of a study, so UIDs are remapped with a keyed hash of the site secret.
-Only the outgoing copy is changed, never the original file, and never PixelData.
+Only the outgoing copy is changed, never the original file, and never PixelData; what follows
+the pixel data (private groups, signatures, padding) goes through the profile like the header.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
-from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -26,6 +26,7 @@ from structlog.stdlib import BoundLogger
 
 from ..intake.claim import ClaimedDrop
 from ..reading.scan import Instance
+from ..reading.trailer import TrailerError, read_without_pixels
 from ..secrets import SecretError, read_secret
 from .route import RoutedStudy, label_study
 
@@ -166,7 +167,13 @@ def prepare(routed: RoutedStudy, drop: ClaimedDrop, secret_file: str | None,
         if template.label_source == "deidentified":
             routed.problems, routed.labels, routed.routing_value = list(routed.study.problems),\
                 None, ""
-            label_study(routed, outgoing_header(routed.study.instances[0], transform), drop)
+            first = routed.study.instances[0]
+            try:
+                label_study(routed, outgoing_header(first, transform), drop)
+            except Exception as exc:  # hostile bytes make pydicom raise many kinds of error
+                routed.problems.append(f"deidentify: cannot read {first.rel} for its "
+                                       f"de-identified labels: {_why(exc)}")
+                return
         if record is not None:
             record(mapping(routed, transform))
     if template.phi_guard not in (None, "off") and routed.included and not routed.problems:
@@ -174,11 +181,13 @@ def prepare(routed: RoutedStudy, drop: ClaimedDrop, secret_file: str | None,
 
 
 def outgoing_header(instance: Instance, transform: Transform | None) -> Dataset:
-    with open(instance.path, "rb") as stream:
-        header = dcmread(stream, stop_before_pixels=True, force=True)
-    if transform is not None:
-        transform(header)
-    return header
+    """Every element of the instance's outgoing copy but the pixel data (what follows it too);
+    values too long for any attribute the guard or a label reads are not read."""
+    with instance.open() as stream:
+        header, _ = read_without_pixels(stream)
+        if transform is not None:
+            transform(header)
+        return header
 
 
 def mapping(routed: RoutedStudy, transform: Deidentifier) -> list[tuple[str, str, str]]:
@@ -194,18 +203,21 @@ def mapping(routed: RoutedStudy, transform: Deidentifier) -> list[tuple[str, str
 
 
 def guard(routed: RoutedStudy, log: BoundLogger) -> None:
-    """Inspect the outgoing header of one sample instance per series sent."""
+    """Inspect every element but the pixel data of every instance sent, as it will go out."""
     template = routed.template
     findings: list[str] = []
-    for series in routed.included:
-        header = outgoing_header(series.instances[0], routed.transform)
-        names = [routed.labels.subject] if routed.labels else []
-        if routed.transform is not None:
-            names.append(str(header.get("PatientID", "")))  # our pseudonym
-        policy = GuardPolicy(frozenset(template.phi_allow or ()),
-                             template.phi_allow_patient_name, tuple(names))
-        findings += [name for name in phi_findings(header, policy) if name not in findings]
+    unread: list[str] = []
+    for instance in (instance for series in routed.included for instance in series.instances):
+        try:
+            header = outgoing_header(instance, routed.transform)
+        except Exception as exc:  # hostile bytes make pydicom raise many kinds of error
+            unread.append(f"{instance.rel} ({_why(exc)})")
+            continue
+        findings += [name for name in phi_findings(header, _policy(routed, header))
+                     if name not in findings]
     routed.phi_findings = findings
+    if unread:
+        _guard_unread(routed, unread, log)
     if not findings:
         return
     if template.phi_guard == "reject":
@@ -215,6 +227,34 @@ def guard(routed: RoutedStudy, log: BoundLogger) -> None:
     else:
         log.warning("phi guard: outgoing header carries PHI", stage="route",
                     study=routed.study.uid, attributes=findings)
+
+
+def _policy(routed: RoutedStudy, header: Dataset) -> GuardPolicy:
+    names = [routed.labels.subject] if routed.labels else []
+    if routed.transform is not None:
+        names.append(str(header.get("PatientID", "")))  # our pseudonym
+    return GuardPolicy(frozenset(routed.template.phi_allow or ()),
+                       routed.template.phi_allow_patient_name, tuple(names))
+
+
+def _why(exc: Exception) -> str:
+    """Why a file can't be read, without its values (pydicom's messages may quote them)."""
+    if isinstance(exc, TrailerError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return type(exc).__name__
+
+
+def _guard_unread(routed: RoutedStudy, unread: list[str], log: BoundLogger) -> None:
+    """Files the guard could not read whole: never sent unseen under `reject`."""
+    listed = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+    if routed.template.phi_guard == "reject":
+        routed.problems.append(f"PHI guard: cannot inspect {len(unread)} file(s): {listed}; "
+                               "not sent. Fix or remove them, or set phi_guard: warn")
+    else:
+        log.warning("phi guard: cannot inspect some files", stage="route",
+                    study=routed.study.uid, files=len(unread), first=unread[0])
 
 
 # --- PHI guard ------------------------------------------------------------------------------

@@ -3,17 +3,19 @@ labels and series filter; labels are checked against XNAT's rule before anything
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 
+from ..allow import DEIDENTIFY_LEVELS, PHI_GUARD_LEVELS, InboxAllow, below, breaches, project_breach
 from ..config import LABEL_KEYS, ROUTE_FILE, ConfigError, RouteTemplate, SeriesFilter, load_route
+from ..fsops import TrustedPath, UnsafePath, held
 from ..intake.claim import ClaimedDrop
+from ..reading.dataset import read_dataset, text_value
 from ..reading.scan import Instance, Series, Study
 from ..templates import PATH_FIELDS, Template, clean_label, label_problem
 
@@ -23,6 +25,7 @@ MAX_ROUTING_STRING = 64
 ROUTE_DEFAULTS = {"clean_labels": False, "routing_field": "study_description",
                   "ignore_unparsable": True, "deidentify": "off", "label_source": "original",
                   "phi_guard": "warn"}
+INLINE_ROUTE = "inline route in the site config"
 
 
 class RouteError(Exception):
@@ -33,6 +36,7 @@ class RouteError(Exception):
 class Route:
     template: RouteTemplate
     sources: tuple[str, ...]  # the route.yaml files (or "inline") it was merged from
+    origins: Mapping[str, str] = field(default_factory=dict)  # key -> the source that set it
 
     @property
     def destination(self) -> str:
@@ -61,6 +65,7 @@ class RoutedStudy:
     transform: Callable[[Dataset], None] | None = None
     uid_map: Callable[[str], str] | None = None  # original UID -> the UID sent
     phi_findings: list[str] = field(default_factory=list)  # attribute names, never values
+    origins: Mapping[str, str] = field(default_factory=dict)  # the route's, for messages
 
     @property
     def instances(self) -> list[Instance]:
@@ -70,17 +75,19 @@ class RoutedStudy:
 def resolve_route(drop: ClaimedDrop, destinations: set[str]) -> Route:
     """Merge the inbox's inline route and every route.yaml from the inbox down to the drop."""
     merged = drop.inbox.route or RouteTemplate()
-    sources = ["inline route in the site config"] if drop.inbox.route else []
+    sources = [INLINE_ROUTE] if drop.inbox.route else []
+    origins = dict.fromkeys(merged.keys_set(), INLINE_ROUTE)
     for folder in _folders_down_to(drop.inbox.path, drop.origin):
         path = folder / ROUTE_FILE
         try:
-            template = _read_route(path, destinations)
+            template = _read_route(drop.inbox.path, path, destinations)
         except ConfigError as exc:
             raise RouteError(f"{exc}\nFix the route file, then run `xnat-inbox retry`.") from None
         if template is None:
             continue
         merged = template.merged_over(merged)
         sources.append(str(path))
+        origins.update(dict.fromkeys(template.keys_set(), str(path)))
     if not sources:
         raise RouteError("no route.yaml applies to this drop: put one in the inbox or the folder "
                          "the drop was copied into")
@@ -88,26 +95,55 @@ def resolve_route(drop: ClaimedDrop, destinations: set[str]) -> Route:
     if missing:
         raise RouteError(f"the route for this drop (from {', '.join(sources)}) has no "
                          f"{', '.join(missing)}; add the key(s) to a route.yaml")
-    unset = {key: value for key, value in ROUTE_DEFAULTS.items() if getattr(merged, key) is None}
-    return Route(merged.model_copy(update=unset), tuple(sources))
+    check_limits(merged, origins, drop.inbox.allow, drop.inbox.config_key)
+    unset = {key: value for key, value in route_defaults(drop.inbox.allow).items()
+             if getattr(merged, key) is None}
+    return Route(merged.model_copy(update=unset), tuple(sources), origins)
+
+
+def check_limits(merged: RouteTemplate, origins: Mapping[str, str], allow: InboxAllow,
+                 inbox_key: str) -> None:
+    """Refuse a route that asks past the inbox's `allow:`, naming the file that asked."""
+    found = breaches(merged.keys_set(), allow)
+    if found:
+        raise RouteError("\n".join(breach.message(origins.get(breach.key, INLINE_ROUTE),
+                                                   inbox_key) for breach in found))
+
+
+def route_defaults(allow: InboxAllow) -> dict[str, object]:
+    """ROUTE_DEFAULTS, raised to the inbox's floors: a route that leaves deidentify or
+    phi_guard out gets at least the floor."""
+    defaults = dict(ROUTE_DEFAULTS)
+    if below(str(defaults["deidentify"]), allow.deidentify_floor, DEIDENTIFY_LEVELS):
+        defaults["deidentify"] = allow.deidentify_floor
+    if below(str(defaults["phi_guard"]), allow.phi_guard_floor, PHI_GUARD_LEVELS):
+        defaults["phi_guard"] = allow.phi_guard_floor
+    return defaults
 
 
 #: route.yaml files parsed before, by path, with the bytes and destinations they were parsed
 #: with: a backlog of drops in one folder parses its route once (≈0.7 ms), not once a drop
 _parsed_routes: dict[Path, tuple[bytes, frozenset[str], RouteTemplate]] = {}
+#: the most of a route.yaml that is read (loading refuses a file over its own, smaller cap)
+READ_LIMIT = 1 << 20
 
 
-def _read_route(path: Path, destinations: set[str]) -> RouteTemplate | None:
-    """The route file at `path`, None when there is none. Read every time, parsed again
-    whenever its bytes changed (a date could miss two edits within one clock tick)."""
+def _read_route(inbox: Path, path: Path, destinations: set[str]) -> RouteTemplate | None:
+    """The route file at `path`, None when there is none. Reached from the inbox without
+    following a link (a route.yaml that is a link is refused, not read). Read every time,
+    parsed again whenever its bytes changed (a date could miss two edits within one tick)."""
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
-            return None
-        content = path.read_bytes()
+        with held(TrustedPath(inbox, path.relative_to(inbox).parts).open()) as fd:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            content = _read_at_most(fd, READ_LIMIT + 1)
     except FileNotFoundError:
         return None
-    except OSError:
-        return load_route(path, destinations)  # its error names the file and the reason
+    except UnsafePath as exc:
+        raise ConfigError(f"{path}: {exc.strerror}; put the route in a regular file there"
+                          ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the file ({exc.strerror}).") from None
     names = frozenset(destinations)
     known = _parsed_routes.get(path)
     if known is not None and known[0] == content and known[1] == names:
@@ -115,6 +151,14 @@ def _read_route(path: Path, destinations: set[str]) -> RouteTemplate | None:
     template = load_route(path, destinations, content)
     _parsed_routes[path] = (content, names, template)
     return template
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks, size = [], 0
+    while size < limit and (chunk := os.read(fd, min(1 << 16, limit - size))):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _folders_down_to(top: Path, bottom: Path) -> list[Path]:
@@ -130,7 +174,7 @@ def route_study(study: Study, route: Route, drop: ClaimedDrop) -> RoutedStudy:
     routing_keyword = ("PatientComments" if template.routing_field == "patient_comments"
                        else "StudyDescription")
     routed = RoutedStudy(study, route.destination, None, routing_keyword, "",
-                         problems=list(study.problems), template=template)
+                         problems=list(study.problems), template=template, origins=route.origins)
     for series in study.series.values():
         reason = filter_reason(series, template.series)
         if reason:
@@ -148,6 +192,8 @@ def label_study(routed: RoutedStudy, header: Dataset, drop: ClaimedDrop) -> None
     routed.problems.extend(problems)
     routing_keyword = routed.routing_keyword
     if labels is not None:
+        if problem := _project_problem(routed, labels.project, drop):
+            routed.problems.append(problem)
         routed.labels = labels
         routed.routing_value = routing_string(labels, routing_keyword)
         if routing_keyword == "StudyDescription" and len(routed.routing_value) > MAX_ROUTING_STRING:
@@ -155,6 +201,17 @@ def label_study(routed: RoutedStudy, header: Dataset, drop: ClaimedDrop) -> None
                 f"routing string is {len(routed.routing_value)} characters; Study Description "
                 f"holds {MAX_ROUTING_STRING}: shorten the labels or use routing_field: "
                 "patient_comments")
+
+
+def _project_problem(routed: RoutedStudy, project: str, drop: ClaimedDrop) -> str | None:
+    """Why the inbox's allow.projects refuses this study's project label, if it does."""
+    breach = project_breach(project, drop.inbox.allow)
+    if breach is None:
+        return None
+    template = routed.template.project
+    if template is not None and template.fields:
+        breach = replace(breach, asked=f"{project!r} (rendered from {template.text!r})")
+    return breach.message(routed.origins.get("project", INLINE_ROUTE), drop.inbox.config_key)
 
 
 def filter_reason(series: Series, rules: SeriesFilter | None) -> str | None:
@@ -214,17 +271,10 @@ def _template_fields(template: RouteTemplate) -> set[str]:
 
 
 def _header(instance: Instance) -> Dataset:
-    with open(instance.path, "rb") as stream:
-        return dcmread(stream, stop_before_pixels=True, force=True)
+    """The header as the scan saw the file; values too long for a label are not read."""
+    with instance.open() as stream:
+        return read_dataset(stream)
 
 
 def _value(header: Dataset, keyword: str) -> str:
-    try:
-        value = header.get(keyword)
-    except Exception:  # a malformed value pydicom can't convert counts as absent
-        return ""
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue):
-        return "\\".join(str(item) for item in value)
-    return str(value).strip()
+    return text_value(header, keyword)

@@ -5,23 +5,30 @@ that is down holds up only its own drops."""
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from collections import deque
 from datetime import datetime
+from pathlib import Path
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from ..config import InboxConfig, RetryPolicy, SiteConfig
-from ..intake.claim import ClaimedDrop, ClaimError, claim, claimed_drops
+from ..intake.claim import ClaimedDrop, ClaimError, Identity, claim, claimed_drops
 from ..intake.settle import SettleTracker, Snapshot, snapshot
 from ..intake.watch import DropRef, InboxWatcher, existing_drops, is_routing_folder
-from ..logs import get_logger, set_log_phi
+from ..logs import DropName, get_logger, set_log_phi, unchecked
 from ..outcome.finish import FinishError, reserve_recorded
 from ..reading.scan_workers import ScanWorkers
 from .pipeline import Interrupted, Pipeline, TransientFailure
-from .reload import InboxError, inbox_changes, load_for_reload, log_reloaded, prepare_inboxes
+from .reload import (
+    InboxError,
+    inbox_changes,
+    load_for_reload,
+    log_reloaded,
+    log_warnings,
+    prepare_inboxes,
+)
 from .state import State
 from .supervise import Supervisor
 
@@ -30,6 +37,23 @@ TICK_SECONDS = 0.25
 #: a signal is seen at the next tick: a handler must not take the locks an Event.set() takes)
 IDLE_TICK_SECONDS = 1.0
 UNROUTED = "(no route)"  # the lane of drops whose route names no usable destination
+
+
+#: the kernel's guard against hard links to files the linking user can't read (Debian: 1)
+PROTECTED_HARDLINKS = Path("/proc/sys/fs/protected_hardlinks")
+
+
+def warn_if_links_unprotected() -> None:
+    """Symbolic links are never followed, but a hard link is the file itself: inbox users
+    could link a file they can't read into a drop if the kernel let them."""
+    try:
+        unprotected = PROTECTED_HARDLINKS.read_text().strip() == "0"
+    except OSError:
+        return
+    if unprotected:
+        get_logger(step="service").warning(
+            "the kernel lets users hard-link files they can't read into an inbox: set "
+            "fs.protected_hardlinks=1 (sysctl)", setting=str(PROTECTED_HARDLINKS))
 
 
 class StartupError(Exception):
@@ -89,6 +113,7 @@ class Daemon:
         self.progress: dict[str, tuple[int, int]] = {}
         self.watchers: list[InboxWatcher] = []
         self.claim_failures: set[DropRef] = set()
+        self.own: set[Identity] = set()  # our own folders' (device, inode): never drops
         # for systemd: drops claimed and not finished, their last progress (STATUS=, watchdog)
         self.drops: dict[str, ClaimedDrop] = {}
         self.last_activity: dict[str, float] = {}
@@ -104,20 +129,22 @@ class Daemon:
         # a claim's own rename touches the drop once more: count only what is still there
         return sum(os.path.lexists(ref.path) for ref in self.tracker.pending())
 
-    def phi_of(self, drop_id: str) -> tuple[bool, re.Pattern[str] | None]:
-        phis = self.pipeline.phi_by_drop
-        return drop_id in phis, phis.get(drop_id)
+    def named(self, drop_id: str) -> DropName | None:
+        drop = self.drops.get(drop_id)
+        return self.pipeline.named(drop) if drop else None
 
     # --- start-up ---------------------------------------------------------------------
     def prepare(self) -> None:
         """Check the inboxes exist and create our own folders."""
         try:
-            prepare_inboxes(self.config)
+            self.own_folders(prepare_inboxes(self.config))
         except InboxError as exc:
             raise StartupError(str(exc)) from None
 
     def start(self) -> None:
+        log_warnings(self.config)
         self.prepare()
+        warn_if_links_unprotected()
         for inbox in self.config.inboxes:
             self.adopt_inbox(inbox)
 
@@ -130,7 +157,7 @@ class Daemon:
             self.state.drop_stage(drop.id, "resumed", inbox=str(drop.inbox.path),
                                   origin=drop.relative_origin, name=drop.name,
                                   claimed_at=drop.claimed_at.isoformat())
-            self.log.info("resuming claimed drop", drop=drop.relative_origin, drop_id=drop.id,
+            self.log.info("resuming claimed drop", **self.pipeline.named(drop).fields(),
                           stored_before=self.state.stored_count(drop.id))
             self._submit(drop)
         self.watch_inbox(inbox)
@@ -200,10 +227,18 @@ class Daemon:
         """SIGHUP: the config file again; drops in flight keep the config they started with."""
         self.reload_requested.clear()
         self.supervisor.reloading()
-        new = load_for_reload(self.config.source)
-        if new is not None:
+        loaded = load_for_reload(self.config.source)
+        if loaded is not None:
+            new, own = loaded
+            self.own_folders(own)
             self.apply_config(new)
-        self.supervisor.reloaded(new is not None)
+        self.supervisor.reloaded(loaded is not None)
+
+    def own_folders(self, found: set[Identity]) -> None:
+        """Our own folders in every inbox, as found now and as recorded before (one renamed
+        while the daemon was down is still ours): never claimed as a drop."""
+        self.state.record_own_folders(found)
+        self.own = self.state.own_folders()
 
     def apply_config(self, new: SiteConfig) -> None:
         changes = inbox_changes(self.config, new, (w.inbox for w in self.watchers))
@@ -240,10 +275,12 @@ class Daemon:
     def tick(self, now: float) -> None:
         for ref in self.tracker.due(now):
             try:
-                drop = claim(ref)
+                drop = claim(ref, own=self.own)
             except ClaimError as exc:
                 if ref not in self.claim_failures:  # once per drop, not every quiet period
-                    self.log.error("claim failed", drop=str(ref), reason=str(exc))
+                    with unchecked(ref.name):
+                        self.log.error("claim failed", inbox=str(ref.inbox.path),
+                                       reason=str(exc))
                 self.claim_failures.add(ref)
                 self.tracker.touch(ref, now)  # try again after another quiet period
                 continue
@@ -253,7 +290,7 @@ class Daemon:
                                   origin=drop.relative_origin, name=drop.name,
                                   claimed_at=drop.claimed_at.isoformat())
             skip = self.state.adopt_retry_request(drop.id, drop.relative_origin)
-            self.log.info("claimed", stage="claim", drop=drop.relative_origin, drop_id=drop.id,
+            self.log.info("claimed", stage="claim", **self.pipeline.named(drop).fields(),
                           retry_skips_studies=len(skip) if skip else None)
             self._submit(drop)
 
@@ -280,7 +317,7 @@ class Daemon:
                                          jitter=policy.initial_backoff),
             retry=retry_if_exception_type(TransientFailure),
             sleep=lambda seconds: self._sleep(drop, seconds),
-            before_sleep=lambda state: self._destination_down(destination, state),
+            before_sleep=lambda state: self._destination_down(destination, state, drop),
             reraise=True,
         )
         with self.pipelines_lock:  # a drop keeps the config it started with
@@ -294,12 +331,16 @@ class Daemon:
         except Interrupted:
             return False
         except FinishError as exc:
-            self.log.error("finish failed", drop=drop.relative_origin, reason=str(exc))
+            named = pipeline.named(drop)
+            with named.scope():
+                self.log.error("finish failed", **named.fields(), reason=str(exc))
             return True  # it stays in the work area; the next start resumes it
         except Exception:  # a lane must never die: the drop stays claimed for the next start
-            self.log.exception("internal error; the drop stays in the work area and is "
-                               "resumed at the next start", drop=drop.relative_origin,
-                               work_path=str(drop.path))
+            named = pipeline.named(drop)
+            with named.scope():
+                self.log.exception("internal error; the drop stays in the work area and is "
+                                   "resumed at the next start", **named.fields(),
+                                   work_area=str(drop.area))
             return True
         finally:
             self.progress.pop(drop.id, None)
@@ -317,7 +358,9 @@ class Daemon:
         try:
             pipeline.process(drop, give_up=reason)
         except (FinishError, Interrupted) as exc:
-            self.log.error("finish failed", drop=drop.relative_origin, reason=str(exc))
+            named = pipeline.named(drop)
+            with named.scope():
+                self.log.error("finish failed", **named.fields(), reason=str(exc))
         return True
 
     def _policy(self, destination: str) -> RetryPolicy:
@@ -338,15 +381,17 @@ class Daemon:
         if stopped:
             raise Interrupted("stopped while waiting to retry")
 
-    def _destination_down(self, destination: str, state: RetryCallState) -> None:
+    def _destination_down(self, destination: str, state: RetryCallState,
+                          drop: ClaimedDrop) -> None:
         wait = state.next_action.sleep if state.next_action else 0.0
         error = str(state.outcome.exception()) if state.outcome else None
         waiting = len(self.lanes[destination]) - 1 if destination in self.lanes else 0
         if self.state.destination_health(destination, up=False, error=error,
                                          next_try=time.time() + wait):
-            self.log.warning("destination failing; its drops wait in order and are retried",
-                             destination=destination, error=error, next_try_in=round(wait, 1),
-                             drops_waiting=waiting)
+            with self.pipeline.named(drop).scope():  # the error may quote its labels or name
+                self.log.warning("destination failing; its drops wait in order and are "
+                                 "retried", destination=destination, error=error,
+                                 next_try_in=round(wait, 1), drops_waiting=waiting)
         else:
             self.log.debug("retrying", destination=destination, next_try_in=round(wait, 1))
 

@@ -4,6 +4,9 @@ systemd-python (the `[systemd]` extra) sends them through libsystemd; without it
 fallback speaks the protocol itself: one datagram of newline-separated `KEY=value` lines to
 the AF_UNIX socket named in $NOTIFY_SOCKET (a path, or `@name` in the abstract namespace).
 Outside systemd (no $NOTIFY_SOCKET) every call does nothing.
+
+Every line is escaped (logs.printable) as the message is put together: a STATUS that names a
+drop called `MR\\nWATCHDOG=trigger` must stay one line, not become a second command.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping
+
+from ..logs import printable
 
 #: sends one notify message (newline-separated KEY=value lines); False when it was not sent
 Send = Callable[[str], bool]
@@ -79,7 +84,7 @@ class Notifier:
     def send(self, *lines: str) -> bool:
         if self._send is None or not lines:
             return False
-        return self._send("\n".join(lines))
+        return self._send("\n".join(printable(line) for line in lines))
 
     def ready(self, status: str) -> None:
         """READY=1 (at start-up, and after a reload) with the current STATUS."""

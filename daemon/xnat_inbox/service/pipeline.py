@@ -7,7 +7,9 @@ what is missing. A transient failure leaves the drop in the work area for the ca
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -17,9 +19,10 @@ from pathlib import Path
 from structlog.stdlib import BoundLogger
 
 from ..config import SiteConfig
+from ..fsops import UnsafePath
 from ..intake.claim import ClaimedDrop
 from ..intake.watch import is_archive_name
-from ..logs import drop_log, get_logger, phi_pattern, phi_scope
+from ..logs import DropName, drop_log, get_logger, phi_pattern
 from ..outcome.finish import FinishError, complete_finish, finish, finish_pending, plan_target
 from ..outcome.report import DropReport, StudyResult
 from ..outcome.verify import verify_delivery
@@ -86,6 +89,13 @@ class Pipeline:
         route = self._route(drop)
         return route.destination if isinstance(route, Route) else None
 
+    def named(self, drop: ClaimedDrop) -> DropName:
+        """How the service's log and STATUS= name this drop: by its id until its headers have
+        been read, then by its name with its PHI masked."""
+        read = drop.id in self.phi_by_drop
+        return DropName(drop.id, str(drop.inbox.path), drop.relative_origin, drop.name, read,
+                        self.phi_by_drop.get(drop.id))
+
     def process(self, drop: ClaimedDrop, give_up: str | None = None) -> Path:
         """One attempt: deliver what is missing and finish, or raise TransientFailure /
         Interrupted leaving the drop in place. With `give_up`, send nothing and finish as
@@ -95,25 +105,32 @@ class Pipeline:
                 target = complete_finish(drop)
             except FinishError as exc:
                 raise TransientFailure(str(exc)) from None
-            self.state.drop_stage(drop.id, "finished", target=str(target))
-            get_logger(drop=drop.relative_origin).info("completed an interrupted finish",
-                                                       stage="finish", moved_to=str(target))
+            outcome = "done" if target.parent.parent == drop.inbox.done else "failed"
+            self.state.drop_stage(drop.id, "finished", outcome=outcome, target=str(target))
+            named = self.named(drop)  # a restart: its headers were not read again
+            with named.scope():
+                get_logger(**named.fields()).info("completed an interrupted finish",
+                                                  stage="finish", moved_to=str(target))
             return target
         with drop_log() as lines:
-            log = get_logger(drop=drop.relative_origin, drop_id=drop.id)
+            named = self.named(drop)
+            log = get_logger(**named.fields())
             report = DropReport(drop)
             started = time.monotonic()
             route = self._route(drop)  # once per attempt: it reads every route.yaml above
             attempt = self.state.start_attempt(
                 drop.id, route.destination if isinstance(route, Route) else None)
-            try:
-                report.scan = scan = self._scan(drop, report, log)
-            except (TransientFailure, Interrupted) as exc:
-                self.state.end_attempt(drop.id, attempt, type(exc).__name__, str(exc))
-                raise
+            with named.scope():  # unpack's and the scan's own lines, too
+                try:
+                    report.scan = scan = self._scan(drop, report, log)
+                except (TransientFailure, Interrupted) as exc:
+                    self.state.end_attempt(drop.id, attempt, type(exc).__name__, str(exc))
+                    raise
             report.timings["scan_seconds"] = time.monotonic() - started
             phi = self.phi_by_drop[drop.id] = phi_pattern(scan.phi)
-            with phi_scope(phi):
+            named = self.named(drop)
+            log = get_logger(**named.fields())
+            with named.scope():
                 log.info("scanned", stage="scan", files=len(scan.files), studies=len(scan.studies),
                          **scan.counts())
                 try:
@@ -138,13 +155,10 @@ class Pipeline:
         """The drop unpacked (archives) and scanned in a scan worker; an empty scan and a reason
         in the report when it can't be: a refused archive, or a drop whose reading cost a
         worker its life READ_FAILURES_ALLOWED times."""
-        archive = drop.path.is_file() and is_archive_name(drop.name)
-        job = ReadJob(drop.path, drop.area / UNPACKED if archive else None,
-                      drop.inbox.archives, drop.inbox.ready_marker)
         failures = self.state.start_reading(drop.id)
         try:
-            scan = self._read(drop, job, failures, log)
-        except (UnpackError, ReadCancelled, NoWorker, OSError) as exc:
+            scan = self._read(drop, self._job(drop), failures, log)
+        except (UnpackError, ReadCancelled, NoWorker, OSError) as exc:  # UnsafePath too
             self.state.end_reading(drop.id)
             report.reasons.append(self._unread(drop, exc, log))
             return ScanResult(drop.path, [], {}, set())
@@ -157,9 +171,18 @@ class Pipeline:
             return ScanResult(drop.path, [], {}, set())
         return scan
 
+    @staticmethod
+    def _job(drop: ClaimedDrop) -> ReadJob:
+        """What a worker reads: the claimed folder, or the archive unpacked in the work area."""
+        if is_archive_name(drop.name) and stat.S_ISREG(os.lstat(drop.path).st_mode):
+            return ReadJob(drop.in_area(UNPACKED), drop.path, drop.inbox.archives,
+                           drop.inbox.ready_marker)
+        return ReadJob(drop.root(), None, drop.inbox.archives, drop.inbox.ready_marker)
+
     def _unread(self, drop: ClaimedDrop, exc: Exception, log: BoundLogger) -> str:
-        """The reason an archive was refused; or Interrupted, TransientFailure (try again)."""
-        if isinstance(exc, UnpackError):
+        """The reason an archive (or a link in a drop's place) was refused; or Interrupted,
+        TransientFailure (try again)."""
+        if isinstance(exc, UnpackError | UnsafePath):
             return str(exc)
         if isinstance(exc, ReadCancelled):
             raise Interrupted(f"{exc}; read again at the next start") from None
@@ -167,7 +190,7 @@ class Pipeline:
             raise TransientFailure(f"{exc}; retried") from None
         log.error("cannot unpack", stage="scan", reason=str(exc))  # e.g. a full disk
         strerror = getattr(exc, "strerror", None) or exc
-        raise TransientFailure(f"cannot unpack {drop.name}: {strerror}; retried once there is "
+        raise TransientFailure(f"cannot unpack the archive: {strerror}; retried once there is "
                                "space") from None
 
     def _read(self, drop: ClaimedDrop, job: ReadJob, failures: list[str],
@@ -195,7 +218,7 @@ class Pipeline:
             target = plan_target(drop, report.ok, finished)
             log.info("finished", stage="finish", outcome=outcome, moved_to=str(target),
                      reasons=reasons)
-            finish(drop, target, report.to_dict(finished, phi), lines)
+            target = finish(drop, target, report.to_dict(finished, phi), lines)
         except FinishError as exc:  # e.g. done/ is full: everything is kept, try again later
             log.error("cannot finish", stage="finish", reason=str(exc))
             raise TransientFailure(str(exc)) from None

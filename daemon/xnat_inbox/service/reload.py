@@ -9,12 +9,16 @@ reload: they are read for every drop.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError, InboxConfig, SiteConfig, load_config
+from ..config import WORK_PARTS, ConfigError, InboxConfig, SiteConfig, load_config
+from ..fsops import held
+from ..intake.claim import Identity, work_folder
 from ..logs import get_logger
+from ..outcome.finish import outcome_folder
 
 #: settings a running daemon can't change (where its state lives, its scan processes)
 RESTART_ONLY = ("state_dir", "scan_processes", "scan_memory_limit")
@@ -35,30 +39,42 @@ class InboxChanges:
     adopt: list[InboxConfig]  # new: resume what an earlier run left claimed there, then watch
 
 
-def load_for_reload(path: Path) -> SiteConfig | None:
-    """The config file, loaded and its inboxes prepared; None (logged) if it is refused."""
+def load_for_reload(path: Path) -> tuple[SiteConfig, set[Identity]] | None:
+    """The config file, loaded, and its inboxes prepared (with the identities of our own
+    folders); None (logged) if it is refused."""
     try:
         new = load_config(path)
-        prepare_inboxes(new)
+        own = prepare_inboxes(new)
     except (ConfigError, InboxError) as exc:
         log.error("config reload refused; the running config stays in force",
                   config=str(path), reason=str(exc))
         return None
-    return new
+    return new, own
 
 
-def prepare_inboxes(config: SiteConfig) -> None:
-    """What start-up and every reload check: each inbox exists; our folders can be made."""
+def prepare_inboxes(config: SiteConfig) -> set[Identity]:
+    """What start-up and every reload check: each inbox exists; our own folders in it are
+    ours (made now if missing). Returns their (device, inode), which are never drops."""
+    own: set[Identity] = set()
     for index, inbox in enumerate(config.inboxes):
         if not inbox.path.is_dir():
             raise InboxError(f"{config.source}: inboxes[{index}].path {inbox.path} is not a "
                              "folder; create it (writable by the daemon's user) or fix the path")
-        for folder in (inbox.work, inbox.done, inbox.failed):
+        for folder, make in ((inbox.work, lambda i=inbox: work_folder(i)),
+                             (inbox.done, lambda i=inbox: outcome_folder(i, True)),
+                             (inbox.failed, lambda i=inbox: outcome_folder(i, False))):
             try:
-                folder.mkdir(parents=True, exist_ok=True)
+                with held(make()) as fd:
+                    info = os.fstat(fd)
             except OSError as exc:
                 raise InboxError(f"{config.source}: inboxes[{index}]: cannot create {folder}: "
-                                 f"{exc.strerror}") from None
+                                 f"{exc.strerror}; make the inbox writable by the daemon's "
+                                 "user (see docs/operations.md)") from None
+            own.add((info.st_dev, info.st_ino))
+        with held(os.open(inbox.path / WORK_PARTS[0], os.O_RDONLY | os.O_DIRECTORY)) as fd:
+            info = os.fstat(fd)
+            own.add((info.st_dev, info.st_ino))
+    return own
 
 
 def inbox_changes(old: SiteConfig, new: SiteConfig,
@@ -84,3 +100,10 @@ def inbox_changes(old: SiteConfig, new: SiteConfig,
 def log_reloaded(config: SiteConfig) -> None:
     log.info("config reloaded", config=str(config.source), inboxes=len(config.inboxes),
              destinations=sorted(config.destinations))
+    log_warnings(config)
+
+
+def log_warnings(config: SiteConfig) -> None:
+    """What `check` warns about, in the journal at start and after a reload."""
+    for warning in config.warnings():
+        log.warning("config warning", config=str(config.source), warning=warning)

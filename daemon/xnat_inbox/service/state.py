@@ -55,6 +55,8 @@ CREATE INDEX IF NOT EXISTS deid_map_replacement ON deid_map (replacement);
 CREATE TABLE IF NOT EXISTS reads (
     drop_id TEXT PRIMARY KEY, reading INTEGER NOT NULL DEFAULT 0,
     failures TEXT NOT NULL DEFAULT '[]');
+CREATE TABLE IF NOT EXISTS own_folders (
+    dev INTEGER NOT NULL, ino INTEGER NOT NULL, at REAL NOT NULL, PRIMARY KEY (dev, ino));
 """
 #: why a read that began was never seen to end: the daemon itself died reading the drop
 DIED_READING = "the daemon stopped while reading it"
@@ -247,6 +249,22 @@ class State:
                 "next_try=excluded.next_try, since=coalesce(?, since)",
                 (name, int(up), time.time(), error, next_try, since))
         return changed and not (row is None and up)
+
+    def finished_drop(self, target: str) -> dict[str, str] | None:
+        """The drop this daemon moved to `target` (done/ or failed/), as recorded then."""
+        rows = self._read("SELECT inbox, origin, outcome FROM drops WHERE target=? AND "
+                          "stage='finished' ORDER BY updated_at DESC LIMIT 1", target)
+        return {"inbox": rows[0][0], "origin": rows[0][1], "outcome": rows[0][2]} if rows \
+            else None
+
+    # --- the daemon's own folders in the inboxes (never drops, even renamed) --------------
+    def record_own_folders(self, found: set[tuple[int, int]]) -> None:
+        with self._write() as db:
+            db.executemany("INSERT OR IGNORE INTO own_folders VALUES (?, ?, ?)",
+                           [(dev, ino, time.time()) for dev, ino in found])
+
+    def own_folders(self) -> set[tuple[int, int]]:
+        return {(r[0], r[1]) for r in self._read("SELECT dev, ino FROM own_folders")}
 
     # --- retry requests (written by `xnat-inbox retry`, read by the daemon) ---------------
     def request_retry(self, origin: str, skip_studies: list[str]) -> None:

@@ -4,7 +4,6 @@ loop, which stop (and ask systemd to step in) when a worker makes no progress.""
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping
 from datetime import date, datetime
@@ -13,7 +12,7 @@ from typing import Protocol
 
 from ..config import SiteConfig
 from ..intake.claim import ClaimedDrop
-from ..logs import get_logger, redact
+from ..logs import DropName, get_logger
 from .notify import Notifier
 
 SEPARATOR = " · "
@@ -62,8 +61,8 @@ class Supervised(Protocol):
         """Drops touched and not yet claimed."""
         ...
 
-    def phi_of(self, drop_id: str) -> tuple[bool, re.Pattern[str] | None]:
-        """Whether the drop's headers were read yet, and the pattern of its PHI values."""
+    def named(self, drop_id: str) -> DropName | None:
+        """How to name a drop in flight (by its id until its headers were read)."""
         ...
 
 
@@ -112,15 +111,15 @@ class Supervisor:
         if not limit:
             return
         for drop_id, last in activity.items():
-            if drop_id in self.hung or now - last < limit:
-                continue
+            named = self.daemon.named(drop_id)
+            if drop_id in self.hung or now - last < limit or named is None:
+                continue  # None: finished just now
             self.hung.add(drop_id)
-            drop = self.daemon.drops.get(drop_id)
-            self.log.error("worker stuck: no progress on this drop; asking systemd's watchdog to "
-                           "restart the daemon (the drop is resumed at the next start)",
-                           drop=drop.relative_origin if drop else drop_id, drop_id=drop_id,
-                           seconds=round(now - last), watchdog=self.notifier.watchdog_every
-                           is not None)
+            with named.scope():
+                self.log.error("worker stuck: no progress on this drop; asking systemd's "
+                               "watchdog to restart the daemon (the drop is resumed at the next "
+                               "start)", **named.fields(), seconds=round(now - last),
+                               watchdog=self.notifier.watchdog_every is not None)
             self.notifier.watchdog_trigger()
 
     # --- the STATUS line ----------------------------------------------------------------
@@ -142,13 +141,12 @@ class Supervisor:
         return SEPARATOR.join(parts)
 
     def _describe(self, drop_id: str) -> str:
-        drop = self.daemon.drops.get(drop_id)
         # anyone on the host may read `systemctl status`: a folder named after the patient
         # shows as [PHI] once the drop's headers have been read
-        known, phi = self.daemon.phi_of(drop_id)
-        if not known:
+        named = self.daemon.named(drop_id)
+        if named is not None and not named.read:
             return "reading a drop"  # its name is shown once its PHI values are known
-        name = redact(drop.relative_origin, phi) if drop else drop_id
+        name = named.masked if named else drop_id
         if drop_id in self.hung:
             return f"STUCK {name}"
         progress = self.daemon.progress.get(drop_id)

@@ -29,7 +29,7 @@ from .contexts import (
     context_key,
     sop_class_name,
 )
-from .outgoing import encode_dataset, outgoing_header
+from .outgoing import encode_dataset, outgoing_copy, outgoing_header
 from .pool import IdleAssociations
 from .splice import routing_splice
 from .wire import StoreStatus, Wire, WireError, tune
@@ -262,9 +262,10 @@ class _Lane:
                 f"{sop_class_name(instance.transfer_syntax)}: not sent"))
         context_id, syntax = context
         try:
-            with open(instance.path, "rb") as fp:
+            with instance.open() as fp:
                 size = os.fstat(fp.fileno()).st_size
                 sop_uid = instance.sop_instance_uid
+                tail = b""
                 splice = None
                 if syntax == instance.transfer_syntax and study.transform is None:
                     splice = routing_splice(fp, instance, study)
@@ -275,12 +276,12 @@ class _Lane:
                     body, remaining = fp, size - offset
                 elif syntax == instance.transfer_syntax \
                         and syntax != DeflatedExplicitVRLittleEndian:
-                    # a header transform: re-encode the header only, copy the pixel data's bytes
+                    # a header transform: re-encode all but the pixel data, copy its bytes
                     fp.seek(0)
-                    header = outgoing_header(instance, study, fp)
-                    head = encode_dataset(header, syntax)
-                    body, remaining = fp, size - fp.tell()
-                    sop_uid = str(header.SOPInstanceUID)  # de-identification remaps it
+                    copy = outgoing_copy(instance, study, fp, size)
+                    head, tail, sop_uid = copy.head, copy.tail, copy.sop_instance_uid
+                    fp.seek(copy.start)
+                    body, remaining = fp, copy.end - copy.start
                 else:  # the little endian pair converted, or deflated: decode it all
                     fp.seek(0)
                     whole = outgoing_header(instance, study, fp, whole=True)
@@ -289,7 +290,7 @@ class _Lane:
                     sop_uid = str(whole.SOPInstanceUID)
                 # the command must name the instance the dataset carries, or 0xA900
                 status = self.wire.store(context_id, instance.sop_class_uid, sop_uid, head,
-                                         body, remaining)
+                                         body, remaining, tail)
         except WireError as exc:
             if exc.no_response:
                 timeout = self.sender.destination.dimse_timeout

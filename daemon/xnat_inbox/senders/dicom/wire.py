@@ -95,8 +95,8 @@ class Wire:
         self.assoc._reactor_checkpoint.set()
 
     def store(self, context_id: int, sop_class: str, sop_instance: str, head: bytes,
-              body: BinaryIO | None, remaining: int) -> StoreStatus:
-        """C-STORE `head` followed by `remaining` bytes of `body`; the receiver's answer."""
+              body: BinaryIO | None, remaining: int, tail: bytes = b"") -> StoreStatus:
+        """C-STORE `head`, `remaining` bytes of `body`, then `tail`; the receiver's answer."""
         if self.failure:
             raise WireError(self.failure)
         self.message_id = self.message_id % 0xFFFF + 1
@@ -105,7 +105,7 @@ class Wire:
             # the command and the data set's PDUs go out in gathered writes, straight from the
             # file's buffers: no copy into one block
             out = list(self._pdvs(context_id, 0x03, memoryview(command), None, 0))
-            for piece in self._pdvs(context_id, 0x00, memoryview(head), body, remaining):
+            for piece in self._pdvs(context_id, 0x00, memoryview(head), body, remaining, tail):
                 out.append(piece)
                 if len(out) >= IOV_BATCH:
                     self._send_gathered(out)
@@ -123,13 +123,13 @@ class Wire:
             raise WireError(f"{exc.strerror or exc}") from None
 
     def _pdvs(self, context_id: int, control: int, head: memoryview, body: BinaryIO | None,
-              remaining: int) -> Iterator[bytes | memoryview]:
-        """(head + `remaining` bytes of body) as P-DATA-TF PDUs of one PDV each: each PDU's
-        header, then its value as one or two slices of the buffers read (a value may span the
-        end of one buffer and the start of the next). control: 0x01 command, 0x00 data set;
+              remaining: int, tail: bytes = b"") -> Iterator[bytes | memoryview]:
+        """(head + `remaining` bytes of body + tail) as P-DATA-TF PDUs of one PDV each: each
+        PDU's header, then its value as one or two slices of the buffers read (a value may span
+        the end of one buffer and the start of the next). control: 0x01 command, 0x00 data set;
         0x02 marks the last. The body is read in pieces of up to 1 MiB: a large file is never
         held whole."""
-        total, offset = len(head) + remaining, 0
+        total, offset = len(head) + remaining + len(tail), 0
         data, unread = head, remaining
         while offset < total:
             n = min(self.max_pdv, total - offset)
@@ -137,7 +137,9 @@ class Wire:
             last = control & 0x01 | (0x02 if offset >= total else 0x00)
             yield struct.pack(">BBIIBB", P_DATA_TF, 0, n + 6, n + 2, context_id, last)
             while n:
-                if not data:
+                if not data and not unread and tail:  # the body is sent: the tail follows
+                    data, tail = memoryview(tail), b""
+                elif not data:
                     more = body.read(min(unread, READ_SIZE)) if body and unread else b""
                     if not more:
                         raise WireError("the file changed while it was sent")

@@ -287,7 +287,7 @@ class XnatSender:
 
     def _upload_one(self, plan: Plan, group: list[Instance], progress: Progress,
                     should_stop: ShouldStop | None) -> str:
-        members = [Member(instance.rel, instance.path, instance.size, plan.transform)
+        members = [Member(instance.rel, instance.path, instance.size, plan.transform, instance.open)
                    for instance in group]
         params = {"import-handler": "DICOM-zip", "PROJECT_ID": plan.project,
                   "SUBJECT_ID": plan.subject, "EXPT_LABEL": plan.session,
@@ -306,6 +306,9 @@ class XnatSender:
         return self._filed_in(plan, first_uri(response.text), "import")
 
     def _filed_in(self, plan: Plan, uri: str, step: str) -> str:
+        """Where XNAT says the `step` put the data: checked, as the next requests go there."""
+        if uri:
+            uri = self.client.data_path(uri)
         project = project_of(uri)
         if project != plan.project:
             raise XnatHttpError(

@@ -20,6 +20,7 @@ from ... import __version__
 from ...config import XnatDestination
 from ...logs import get_logger
 from .auth import BasicAuth, CredentialError, Credentials, load_credentials
+from .origin import RefusedUri, data_path, shown
 
 log = get_logger(step="send")
 
@@ -189,11 +190,26 @@ class XnatClient:
             raise XnatHttpError(f"GET {path}: XNAT's answer is not JSON", transient=True,
                                 status=response.status_code) from None
 
+    def data_path(self, uri: str) -> str:
+        """A URI from XNAT (or our own path) as a path under /data/ on our origin; refused
+        for good otherwise: the session cookie must not go anywhere else."""
+        try:
+            return data_path(self.base, uri)
+        except RefusedUri as exc:
+            raise XnatHttpError(
+                f"destination {self.name}: refused to send a request to {shown(uri)!r}, which "
+                f"XNAT named as a location: {exc}. Only paths under /data/ on {self.base} are "
+                "followed; check the XNAT server and any proxy in front of it",
+                transient=False) from None
+
     def _raise_for(self, response: requests.Response, method: str, path: str) -> None:
-        if response.ok:
+        status = response.status_code
+        if 200 <= status < 300:
             return
         message = xnat_message(response)
-        status = response.status_code
+        if response.is_redirect:  # never followed: the cookie stays with our origin
+            message = (f"a redirect to {shown(response.headers['Location'])!r}, not followed; "
+                       "set the destination's url to where XNAT really is")
         raise XnatHttpError(f"XNAT answered {status} to {method} {path}: {message}",
                             transient=is_transient(status, message), status=status,
                             xnat_message=message)
@@ -202,6 +218,7 @@ class XnatClient:
                   body: Body = None, headers: Mapping[str, str] | None = None,
                   auth: BasicAuth | None = None) -> requests.Response:
         """Send one request and log it as one event: method, path, status, bytes, seconds."""
+        url = self.base + self.data_path(path)
         all_headers = dict(headers or {})
         if self._cookie and auth is None:
             all_headers["Cookie"] = f"JSESSIONID={self._cookie}"
@@ -210,7 +227,7 @@ class XnatClient:
         started = time.monotonic()
         event: dict[str, Any] = {"method": method, "path": path, "destination": self.name}
         try:
-            response = self.http.request(method, self.base + path, params=params, data=data,
+            response = self.http.request(method, url, params=params, data=data,
                                          headers=all_headers, auth=auth, timeout=self.timeout,
                                          allow_redirects=False)
             _ = response.content  # read it whole now, so the seconds include it

@@ -18,16 +18,19 @@ two passes were about half of the sender's CPU per upload. DEFLATE zips use stre
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import BinaryIO
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from stream_zip import ZIP_32, ZIP_64, stream_zip
+
+from ...reading.dataset import ElementTooLarge, check_decodable, read_dataset
 
 CHUNK = 1 << 20
 #: files up to this size are read once, whole: one open and one read per file, and only one
@@ -50,12 +53,17 @@ class LocalFileError(Exception):
 
 @dataclass(frozen=True)
 class Member:
-    """One zip entry: a stable name (a retry must repeat it, so XNAT merges) and its file."""
+    """One zip entry: a stable name (a retry must repeat it, so XNAT merges) and its file,
+    opened by `opener` when given (the file as the scan saw it, see Instance.open)."""
 
     name: str
     path: Path
     size: int
     transform: Transform | None = None
+    opener: Callable[[], BinaryIO] | None = None
+
+    def open(self) -> BinaryIO:
+        return self.opener() if self.opener is not None else open(self.path, "rb")
 
 
 @dataclass
@@ -98,10 +106,11 @@ def _entry(member: Member, big: bool, counter: Counter, after: Hook | None,
         data, modified = _transformed(member)
         return member.name, modified, MODE, method, _counted(_pieces(data), member, counter, after)
     try:
-        modified = datetime.fromtimestamp(member.path.stat().st_mtime)
+        stream = member.open()
     except OSError as exc:
         raise LocalFileError(f"cannot read {member.name}: {exc.strerror}") from None
-    pieces = _counted(_file_pieces(member), member, counter, after)
+    modified = datetime.fromtimestamp(os.fstat(stream.fileno()).st_mtime)
+    pieces = _counted(_file_pieces(member, stream), member, counter, after)
     return member.name, modified, MODE, method, pieces
 
 
@@ -159,11 +168,10 @@ def _stored_source(member: Member) -> tuple[int, int, datetime, Iterable[bytes]]
         data, modified = _transformed(member)
         return len(data), zlib.crc32(data), modified, _pieces(data)
     try:
-        modified = datetime.fromtimestamp(member.path.stat().st_mtime)
         if member.size <= WHOLE_READ:
-            data = _read_whole(member)
+            data, modified = _read_whole(member)
             return member.size, zlib.crc32(data), modified, _pieces(data)
-        crc = crc32_of(member.path)
+        crc, modified = crc_and_mtime(member)
     except OSError as exc:
         raise LocalFileError(f"cannot read {member.name}: {exc.strerror}") from None
     return member.size, crc, modified, _checked(member, crc)
@@ -186,12 +194,13 @@ def _checked(member: Member, crc: int) -> Iterator[bytes]:
                              "from the first read's)")
 
 
-def _file_pieces(member: Member) -> Iterator[bytes]:
-    """The file in CHUNK pieces; LocalFileError when it can't be read or its size is no longer
-    the one the scan saw (nothing past that size is sent)."""
+def _file_pieces(member: Member, opened: BinaryIO | None = None) -> Iterator[bytes]:
+    """The file (`opened` already, or opened now) in CHUNK pieces; LocalFileError when it
+    can't be read or its size is no longer the one the scan saw (nothing past that size is
+    sent)."""
     size = 0
     try:
-        with open(member.path, "rb") as stream:
+        with opened or member.open() as stream:
             while piece := stream.read(CHUNK):
                 size += len(piece)
                 if size > member.size:
@@ -211,15 +220,17 @@ def _dos(modified: datetime) -> tuple[int, int]:
             (t.year - 1980) << 9 | t.month << 5 | t.day)
 
 
-def _read_whole(member: Member) -> bytes:
-    """The file's bytes, checked against the size the scan saw (one read; OSError passes)."""
-    with open(member.path, "rb") as stream:
+def _read_whole(member: Member) -> tuple[bytes, datetime]:
+    """The file's bytes and mtime, checked against the size the scan saw (one read; OSError
+    passes)."""
+    with member.open() as stream:
+        modified = datetime.fromtimestamp(os.fstat(stream.fileno()).st_mtime)
         data = stream.read(member.size + 1)  # one byte more reveals a file that grew
     if len(data) != member.size:
         now = f"{len(data)}" if len(data) < member.size else f"over {member.size}"
         raise LocalFileError(f"{member.name} changed size while being sent "
                              f"({member.size} -> {now} bytes)")
-    return data
+    return data, modified
 
 
 def _counted(pieces: Iterable[bytes], member: Member, counter: Counter,
@@ -238,21 +249,27 @@ def _transformed(member: Member) -> tuple[bytes, datetime]:
     original's mtime."""
     assert member.transform is not None
     try:
-        dataset = dcmread(member.path, force=True)
-        member.transform(dataset)
-        buffer = io.BytesIO()
-        dataset.save_as(buffer, enforce_file_format=True)
-        modified = datetime.fromtimestamp(member.path.stat().st_mtime)
+        with member.open() as stream:
+            modified = datetime.fromtimestamp(os.fstat(stream.fileno()).st_mtime)
+            dataset = read_dataset(stream, whole=True)
+            member.transform(dataset)
+            check_decodable(dataset)
+            buffer = io.BytesIO()
+            dataset.save_as(buffer, enforce_file_format=True)
     except OSError as exc:
         raise LocalFileError(f"cannot read {member.name}: {exc.strerror}") from None
+    except ElementTooLarge as exc:
+        raise LocalFileError(f"cannot de-identify {member.name}: {exc}") from None
     except Exception as exc:  # pydicom's errors on a file it can't rewrite
         raise LocalFileError(f"cannot de-identify {member.name}: {type(exc).__name__}") from None
     return buffer.getvalue(), modified
 
 
-def crc32_of(path: Path) -> int:
+def crc_and_mtime(member: Member) -> tuple[int, datetime]:
+    """A big file's first read: its CRC, and its mtime from the same open file."""
     crc = 0
-    with open(path, "rb") as stream:
+    with member.open() as stream:
+        modified = datetime.fromtimestamp(os.fstat(stream.fileno()).st_mtime)
         while piece := stream.read(CHUNK):
             crc = zlib.crc32(piece, crc)
-    return crc
+    return crc, modified
