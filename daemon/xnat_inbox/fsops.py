@@ -112,24 +112,36 @@ def open_entry(dir_fd: int, name: str, where: Path, directory: bool = False) -> 
     return fd
 
 
-def open_beneath(root_fd: int, rel: str, root: Path) -> int:
+def open_beneath(root_fd: int, rel: str, root: Path) -> tuple[int, os.stat_result]:
     """The regular file at `rel` below the folder `root_fd`, every component opened without
-    following a link."""
+    following a link, and its status (one fstat: the hot path of every send)."""
     parts = rel.split("/")
-    fd = os.dup(root_fd)
+    if not all(is_component(part) for part in parts):
+        raise UnsafePath(errno.EINVAL, "not a path below the drop's folder", str(root / rel))
+    folder, opened = root_fd, []
     try:
         for index, name in enumerate(parts):
             last = index == len(parts) - 1
-            following = open_entry(fd, name, root.joinpath(*parts[:index + 1]),
-                                   directory=not last)
-            os.close(fd)
-            fd = following
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UnsafePath(errno.EISDIR, "not a regular file", str(root / rel))
+            try:
+                fd = os.open(name, FILE_FLAGS if last else DIR_FLAGS, dir_fd=folder)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(folder, name):
+                    raise UnsafePath(errno.ELOOP, "a symbolic link: not followed",
+                                     str(root.joinpath(*parts[:index + 1]))) from None
+                raise
+            opened.append(fd)
+            folder = fd
     except BaseException:
-        os.close(fd)
+        for fd in opened:
+            os.close(fd)
         raise
-    return fd
+    for fd in opened[:-1]:
+        os.close(fd)
+    info = os.fstat(opened[-1])
+    if not stat.S_ISREG(info.st_mode):
+        os.close(opened[-1])
+        raise UnsafePath(errno.EINVAL, "not a regular file", str(root / rel))
+    return opened[-1], info
 
 
 def _is_link(dir_fd: int, name: str) -> bool:

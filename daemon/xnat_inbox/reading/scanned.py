@@ -3,7 +3,10 @@ and studies. Every later step reads these; only the scan makes them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -44,13 +47,43 @@ class Instance:
         """The file the scan read, opened again below the drop's folder without following a
         link; UnsafePath if it is no longer that file (replaced, or changed in size or time)."""
         root = self.root or TrustedPath(self.path.parents[len(Path(self.rel).parts) - 1])
-        with held(root.open()) as root_fd:
-            fd = open_beneath(root_fd, self.rel, root.path)
-        if self.stamp is not None and FileStamp.of(os.fstat(fd)) != self.stamp:
+        root_fd = _held.get(root)
+        if root_fd is None:
+            with held(root.open()) as fd:
+                return self._open_below(fd, root)
+        return self._open_below(root_fd, root)
+
+    def _open_below(self, root_fd: int, root: TrustedPath) -> BinaryIO:
+        fd, info = open_beneath(root_fd, self.rel, root.path)
+        if self.stamp is not None and FileStamp.of(info) != self.stamp:
             os.close(fd)
             raise UnsafePath(0, "changed since the drop was scanned (another file, or another "
                              "size or time): not sent", self.rel)
         return os.fdopen(fd, "rb")
+
+
+#: drops' folders held open while they are delivered (see holding)
+_held: dict[TrustedPath, int] = {}
+_held_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def holding(roots: Iterable[TrustedPath]) -> Iterator[None]:
+    """Keep the drop's folders open while it is delivered, so each file is opened below its
+    folder (a few system calls) rather than walked to from the inbox (a dozen, ≈90 µs)."""
+    opened: dict[TrustedPath, int] = {}
+    try:
+        for root in set(roots):
+            opened[root] = root.open()
+        with _held_lock:
+            _held.update(opened)
+        yield
+    finally:
+        with _held_lock:
+            for root in opened:
+                _held.pop(root, None)
+        for fd in opened.values():
+            os.close(fd)
 
 
 @dataclass

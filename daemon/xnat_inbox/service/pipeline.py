@@ -28,6 +28,7 @@ from ..outcome.report import DropReport, StudyResult
 from ..outcome.verify import verify_delivery
 from ..reading.scan import Instance, Kind, ScanResult
 from ..reading.scan_workers import NoWorker, ReadCancelled, ReadJob, ScanWorkers, WorkerLost
+from ..reading.scanned import holding
 from ..reading.unpack import UNPACKED, UnpackError
 from ..routing.deidentify import prepare as deidentify
 from ..routing.route import Route, RoutedStudy, RouteError, resolve_route, route_study
@@ -134,7 +135,9 @@ class Pipeline:
                 log.info("scanned", stage="scan", files=len(scan.files), studies=len(scan.studies),
                          **scan.counts())
                 try:
-                    self._deliver(drop, report, log, give_up, route)
+                    with holding(i.root for study in scan.studies.values()
+                                 for i in study.instances if i.root is not None):
+                        self._deliver(drop, report, log, give_up, route)
                 except (TransientFailure, Interrupted) as exc:
                     self.state.end_attempt(drop.id, attempt, type(exc).__name__, str(exc))
                     raise
