@@ -91,11 +91,7 @@ class InboxAllow(BaseModel):
     @field_validator("phi_allow")
     @classmethod
     def _known_keywords(cls, value: list[str] | None) -> list[str] | None:
-        unknown = [k for k in value or [] if k != "private" and k not in keyword_dict]
-        if unknown:
-            raise ValueError(f"not DICOM keywords: {', '.join(unknown)} (e.g. InstitutionName, "
-                             "PatientName, or private for private tags)")
-        return value
+        return known_phi_allow(value)
 
     def allows_destination(self, name: str) -> bool:
         return self.destinations is None or name in self.destinations
@@ -193,3 +189,12 @@ def _phi_allow_breaches(asked: Mapping[str, Any], allow: InboxAllow) -> list[Bre
 
 __all__ = ["DEIDENTIFY_LEVELS", "OVERWRITE_LEVELS", "PHI_GUARD_LEVELS", "Breach", "InboxAllow",
            "below", "breaches", "exceeds", "project_breach"]
+
+
+def known_phi_allow(value: list[str] | None) -> list[str] | None:
+    """A `phi_allow` list (in a route or an inbox's limits): DICOM keywords, or `private`."""
+    unknown = [k for k in value or [] if k != "private" and k not in keyword_dict]
+    if unknown:
+        raise ValueError(f"not DICOM keywords: {', '.join(unknown)} (e.g. InstitutionName, "
+                         "PatientName, or private for private tags)")
+    return value

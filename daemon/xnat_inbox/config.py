@@ -18,7 +18,7 @@ from pydantic import (
 )
 from pydicom.datadict import keyword_dict
 
-from .allow import OVERWRITE_LEVELS, InboxAllow, breaches, exceeds
+from .allow import OVERWRITE_LEVELS, InboxAllow, breaches, exceeds, known_phi_allow
 from .patterns import PatternError, UserPattern
 from .templates import Template, TemplateError
 from .yamlfile import ConfigError, load_yaml, validate
@@ -205,11 +205,7 @@ class RouteTemplate(Strict):
     @field_validator("phi_allow")
     @classmethod
     def _known_keywords(cls, value: list[str] | None) -> list[str] | None:
-        unknown = [k for k in value or [] if k != "private" and k not in keyword_dict]
-        if unknown:
-            raise ValueError(f"not DICOM keywords: {', '.join(unknown)} (e.g. InstitutionName, "
-                             "or private for private tags)")
-        return value
+        return known_phi_allow(value)
 
     def keys_set(self) -> dict[str, Any]:
         """The keys this route sets (not None), with their values."""

@@ -243,12 +243,13 @@ def rename_noreplace(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
             raise OSError(code, os.strerror(code), dst)
     # a file system without RENAME_NOREPLACE: the target folder is the daemon's own, so
     # nobody else can create the name between the check and the rename
-    if _exists(dst_fd, dst):
+    if exists(dst_fd, dst):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
     os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
 
 
-def _exists(dir_fd: int, name: str) -> bool:
+def exists(dir_fd: int, name: str) -> bool:
+    """Whether anything (a link too) is called `name` in the folder `dir_fd`."""
     try:
         os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:

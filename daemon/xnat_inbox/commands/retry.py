@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..config import InboxConfig, SiteConfig
-from ..fsops import TrustedPath, held, is_component, open_entry, rename_noreplace
+from ..fsops import TrustedPath, exists, held, is_component, open_entry, rename_noreplace
 from ..outcome.finish import outcome_folder
 from ..service.state import State
 
@@ -72,18 +72,10 @@ def _delivered(day: int, name: str) -> list[str]:
 
 def _free(folder: int, name: str) -> str:
     candidate, n = name, 0
-    while _exists(folder, candidate):
+    while exists(folder, candidate):
         n += 1
         candidate = f"{name}-retry{n}"
     return candidate
-
-
-def _exists(folder: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=folder, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def status_lines(summary: dict[str, Any]) -> list[str]:

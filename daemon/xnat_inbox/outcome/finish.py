@@ -28,6 +28,7 @@ from ..config import InboxConfig
 from ..fsops import (
     OWN_DIR_MODE,
     UnsafePath,
+    exists,
     fsync_dir,
     held,
     is_component,
@@ -81,7 +82,7 @@ def free_name(folder_fd: int, folder: Path, name: str) -> str:
     """`name` in the folder, with -1, -2, ... when it (or its report) is taken or planned."""
     candidate, n = name, 0
     while folder / candidate in _planned or any(
-            _exists(folder_fd, f"{candidate}{suffix}") for suffix in ("", *BESIDE.values())):
+            exists(folder_fd, f"{candidate}{suffix}") for suffix in ("", *BESIDE.values())):
         n += 1
         candidate = f"{name}-{n}"
     return candidate
@@ -124,13 +125,13 @@ def complete_finish(drop: ClaimedDrop) -> Path:
         with held(drop.in_area().open()) as area, \
                 held(outcome_folder(drop.inbox, _is_done(drop, target),
                                     target.parent.name)) as day:
-            if _exists(area, drop.name):
+            if exists(area, drop.name):
                 target = _move_originals(drop, area, day, target)
             for name, suffix in BESIDE.items():
-                if _exists(area, name):
+                if exists(area, name):
                     _move_beside(area, name, day, target.name + suffix)
             fsync_dir(day)
-            if _exists(area, UNPACKED):  # our copy of an archive's content
+            if exists(area, UNPACKED):  # our copy of an archive's content
                 shutil.rmtree(UNPACKED, dir_fd=area)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(COPIED_FILE, dir_fd=area)
@@ -145,7 +146,7 @@ def complete_finish(drop: ClaimedDrop) -> Path:
 def _move_originals(drop: ClaimedDrop, area: int, day: int, target: Path) -> Path:
     """Rename the originals into the day folder (never over anything); the target actually
     used, a new free name when the planned one was taken meanwhile by anything not ours."""
-    if _exists(day, target.name):
+    if exists(day, target.name):
         if _copied_to(area) == target.name:
             _remove(area, drop.name)  # the verified copy is there: what a crash left to do
             return target
@@ -222,14 +223,6 @@ def _through(dir_fd: int, name: str) -> Path:
     """A path to `name` in the folder held by `dir_fd` that no rename of the folders above it
     can redirect (the kernel resolves the descriptor itself)."""
     return Path(f"/proc/self/fd/{dir_fd}") / name
-
-
-def _exists(dir_fd: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def _remove(dir_fd: int, name: str) -> None:
