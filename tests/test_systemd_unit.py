@@ -61,8 +61,8 @@ def open_dir() -> Iterator[Path]:
 @pytest.mark.parametrize("private_tmp", [True, False], ids=["PrivateTmp", "read-only-tmp"])
 def test_daemon_delivers_under_the_units_restrictions(open_dir, inprocess_scp, private_tmp):
     """As the unit runs it (PrivateTmp=: a writable temporary folder of its own, here $TMPDIR);
-    and with every temporary folder read-only (a unit edited without PrivateTmp=), where no
-    scan worker can start: the drop is scanned in the daemon's own process."""
+    and with every temporary folder read-only (a unit edited without PrivateTmp=), where the
+    fork server can't start: scan workers are spawned afresh each, with one warning."""
     if os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("unshare"):
         pytest.skip("needs root, unshare and setpriv")
     # user nobody, unless this Python lives where nobody can't run it (pyenv under /root):

@@ -12,12 +12,21 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from ..allow import DEIDENTIFY_LEVELS, PHI_GUARD_LEVELS, InboxAllow, below, breaches, project_breach
-from ..config import LABEL_KEYS, ROUTE_FILE, ConfigError, RouteTemplate, SeriesFilter, load_route
+from ..config import (
+    LABEL_KEYS,
+    ROUTE_FILE,
+    ROUTE_MAX_BYTES,
+    ConfigError,
+    RouteTemplate,
+    SeriesFilter,
+    load_route,
+)
 from ..fsops import TrustedPath, UnsafePath, held
 from ..intake.claim import ClaimedDrop
 from ..reading.dataset import read_dataset, text_value
 from ..reading.scan import Instance, Series, Study
 from ..templates import PATH_FIELDS, Template, clean_label, label_problem
+from ..yamlfile import read_limited
 
 #: the routing string has to fit Study Description, a LO element
 MAX_ROUTING_STRING = 64
@@ -124,8 +133,6 @@ def route_defaults(allow: InboxAllow) -> dict[str, object]:
 #: route.yaml files parsed before, by path, with the bytes and destinations they were parsed
 #: with: a backlog of drops in one folder parses its route once (≈0.7 ms), not once a drop
 _parsed_routes: dict[Path, tuple[bytes, frozenset[str], RouteTemplate]] = {}
-#: the most of a route.yaml that is read (loading refuses a file over its own, smaller cap)
-READ_LIMIT = 1 << 20
 
 
 def _read_route(inbox: Path, path: Path, destinations: set[str]) -> RouteTemplate | None:
@@ -136,7 +143,8 @@ def _read_route(inbox: Path, path: Path, destinations: set[str]) -> RouteTemplat
         with held(TrustedPath(inbox, path.relative_to(inbox).parts).open()) as fd:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return None
-            content = _read_at_most(fd, READ_LIMIT + 1)
+            with open(fd, "rb", closefd=False) as stream:
+                content = read_limited(stream, path, ROUTE_MAX_BYTES)
     except FileNotFoundError:
         return None
     except UnsafePath as exc:
@@ -151,14 +159,6 @@ def _read_route(inbox: Path, path: Path, destinations: set[str]) -> RouteTemplat
     template = load_route(path, destinations, content)
     _parsed_routes[path] = (content, names, template)
     return template
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    chunks, size = [], 0
-    while size < limit and (chunk := os.read(fd, min(1 << 16, limit - size))):
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
 
 
 def _folders_down_to(top: Path, bottom: Path) -> list[Path]:
