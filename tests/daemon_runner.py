@@ -122,5 +122,15 @@ def wait_for_report(inbox: Path, name: str, timeout: float = 60,
     raise AssertionError(f"no report for {name} within {timeout} s\n{log}")
 
 
+def work_area_left(inbox: Path, timeout: float = 30) -> list[Path]:
+    """What is still in the inbox's work area once it has had time to empty: a drop's report
+    is moved out just before its work folder is removed, so a test that saw the report waits
+    for the rest."""
+    deadline = time.monotonic() + timeout
+    while (left := sorted(inbox.glob(".xnat-inbox/work/*"))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
 def reports(inbox: Path) -> list[Path]:
     return sorted(inbox.glob("done/*/*.report.json")) + sorted(inbox.glob("failed/*/*.report.json"))

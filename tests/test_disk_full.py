@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import checksums
-from tests.daemon_runner import DaemonProcess, dicom_destination, wait_for_report, write_config
+from tests.daemon_runner import (
+    DaemonProcess,
+    dicom_destination,
+    wait_for_report,
+    work_area_left,
+    write_config,
+)
 from tests.test_faults import PATIENT_RETRY, PATIENT_ROUTE
 from xnat_inbox.commands.synthetic import SeriesSpec, write_session
 
@@ -84,7 +90,7 @@ def test_full_work_area_then_full_done_wait_for_space(tmp_path, storescp, daemon
     outcome, report, path = wait_for_report(done, "BIG.zip", daemon=proc)
     assert outcome == "done", report["reasons"]
     assert checksums(path.parent)["BIG.zip"] == before
-    assert not list(inbox.glob(".xnat-inbox/work/*")), "nothing of ours is left behind"
+    assert not work_area_left(inbox), "nothing of ours is left behind"
     outcomes = [a["outcome"] for a in report["attempts"]]
     assert outcomes[0] == "TransientFailure" and outcomes[-1] == "done"
     assert len(storescp.files()) == 10  # acknowledged instances were not sent again

@@ -573,8 +573,8 @@ def test_fault_drop_connection_leaves_receiving_entry_then_retry_merges(xnat: Fa
     xnat.add_fault("/data/services/import", drop_connection_after_bytes=len(data) // 2)
     with pytest.raises((ConnectionError, http.client.HTTPException)):
         upload(xnat, data, labels())
-    log = wait_for(xnat.requests)[-1]  # logged once the server has filed what it read
-    partial = xnat.prearchive("TEST")
+    log = wait_for(xnat.requests)[-1]  # logged as the connection is reset,
+    partial = wait_for(lambda: xnat.prearchive("TEST"))  # then what was read is filed
     assert partial[0]["status"] == "RECEIVING"
     assert 0 < len(partial[0]["files"]) < len(study)
     assert log["dropped"] and log["status"] is None and log["bytes_in"] == len(data) // 2
