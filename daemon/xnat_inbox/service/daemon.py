@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import deque
 from datetime import datetime
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ..intake.watch import DropRef, InboxWatcher, existing_drops, is_routing_fol
 from ..logs import DropName, get_logger, set_log_phi, unchecked
 from ..outcome.finish import FinishError, reserve_recorded
 from ..reading.scan_workers import ScanWorkers
+from .lane import IDLE_TICK_SECONDS, Lane
 from .pipeline import Interrupted, Pipeline, TransientFailure
 from .reload import (
     InboxError,
@@ -33,9 +33,6 @@ from .state import State
 from .supervise import Supervisor
 
 TICK_SECONDS = 0.25
-#: with nothing settling or in flight (a touch wakes the main loop, a drop its lane, at once;
-#: a signal is seen at the next tick: a handler must not take the locks an Event.set() takes)
-IDLE_TICK_SECONDS = 1.0
 UNROUTED = "(no route)"  # the lane of drops whose route names no usable destination
 
 
@@ -58,41 +55,6 @@ def warn_if_links_unprotected() -> None:
 
 class StartupError(Exception):
     """The daemon can't start with this config; the message says what to fix."""
-
-
-class Lane(threading.Thread):
-    """Delivers one destination's drops one after the other, in the order they were claimed."""
-
-    def __init__(self, daemon: Daemon, destination: str) -> None:
-        super().__init__(name=f"lane {destination}", daemon=True)
-        self.owner = daemon
-        self.destination = destination
-        self.queue: deque[ClaimedDrop] = deque()
-        self.wakeup = threading.Condition()
-
-    def put(self, drop: ClaimedDrop) -> None:
-        with self.wakeup:
-            self.queue.append(drop)
-            self.wakeup.notify()
-
-    def wake(self) -> None:
-        with self.wakeup:
-            self.wakeup.notify()
-
-    def __len__(self) -> int:
-        return len(self.queue)
-
-    def run(self) -> None:
-        stop = self.owner.stop
-        while not stop.is_set():
-            with self.wakeup:
-                if not self.queue:
-                    self.wakeup.wait(timeout=IDLE_TICK_SECONDS)
-                    continue
-                drop = self.queue[0]
-            if self.owner.deliver(drop, self.destination):
-                with self.wakeup:
-                    self.queue.popleft()
 
 
 class Daemon:
@@ -302,7 +264,7 @@ class Daemon:
         destination = self.pipeline.destination_of(drop) or UNROUTED
         lane = self.lanes.get(destination)
         if lane is None:
-            lane = self.lanes[destination] = Lane(self, destination)
+            lane = self.lanes[destination] = Lane(destination, self.deliver, self.stop)
             lane.start()
         lane.put(drop)
 
