@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_runner import DaemonProcess
+from tests.fake_xnat import FakeXnat
 from tests.peers import InProcessSCP, Orthanc, StoreSCP
 
 pytest_plugins = ["tests.systemd_support", "tests.security_support"]  # their fixtures
@@ -43,6 +44,13 @@ def inprocess_scp() -> Callable[..., InProcessSCP]:
     yield start  # type: ignore[misc]
     for peer in started:
         peer.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_xnat() -> Iterator[FakeXnat]:
+    """One fake XNAT for a test module; tests take it reset (see their `xnat` fixtures)."""
+    with FakeXnat() as server:
+        yield server
 
 
 @pytest.fixture

@@ -164,16 +164,10 @@ def wait_for(predicate: Any, timeout: float = 5.0) -> Any:
 
 # ---- fixtures --------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeXnat]:
-    with FakeXnat() as x:
-        yield x
-
-
 @pytest.fixture
-def xnat(server: FakeXnat) -> FakeXnat:
-    server.reset()
-    return server
+def xnat(shared_xnat: FakeXnat) -> FakeXnat:
+    shared_xnat.reset()
+    return shared_xnat
 
 
 @pytest.fixture(scope="module")

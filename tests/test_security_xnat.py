@@ -81,12 +81,6 @@ def listener() -> Iterator[Listener]:
     other.stop()
 
 
-@pytest.fixture(scope="module")
-def shared_xnat() -> Iterator[FakeXnat]:
-    with FakeXnat() as server:
-        yield server
-
-
 @pytest.fixture
 def xnat(shared_xnat: FakeXnat) -> FakeXnat:
     shared_xnat.reset()
