@@ -87,6 +87,7 @@ def configure(log_format: LogFormat = "console", log_phi: bool = False,
     # its connection errors repeat what our own events say, once per retry
     logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
     logging.getLogger("watchdog.observers.inotify").addFilter(_quiet_watchdog_shutdown)
+    logging.getLogger("pynetdicom.acse").addFilter(_said_by_the_sender)
     logging.captureWarnings(True)  # pydicom's warnings about odd files, into the same log
 
 
@@ -128,6 +129,11 @@ def mask_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMap
 def _quiet_watchdog_shutdown(record: logging.LogRecord) -> bool:
     # watchdog logs this as an error whenever an observer stops; it means nothing
     return "called when the thread is inactive" not in record.getMessage()
+
+
+def _said_by_the_sender(record: logging.LogRecord) -> bool:
+    # the DICOM sender's own event names what the receiver refused, per file
+    return record.getMessage() != "No accepted presentation contexts"
 
 
 def redact_phi(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -297,8 +297,12 @@ class Pipeline:
                  delivered=verdict.delivered, retry=verdict.transient, reasons=verdict.reasons)
 
     def _acknowledged(self, drop: ClaimedDrop, routed: RoutedStudy) -> dict[str, InstanceOutcome]:
+        """This study's instances the destination already stored (the state holds the whole
+        drop's): what a `sent` event counts as earlier, and progress starts from."""
         rows = self.state.acknowledged(drop.id, routed.destination)
-        return {sop: InstanceOutcome(True, status, note) for sop, (status, note) in rows.items()}
+        ours = {instance.sop_instance_uid for instance in routed.instances}
+        return {sop: InstanceOutcome(True, status, note) for sop, (status, note) in rows.items()
+                if sop in ours}
 
     def _send_pending(self, drop: ClaimedDrop, routed: RoutedStudy, pending: list[Instance],
                       done_before: int) -> Delivery:
