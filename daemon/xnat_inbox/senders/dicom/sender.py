@@ -123,6 +123,7 @@ class DicomSender:
             try:
                 lanes += self._open_lanes(contexts, wanted - len(lanes), bool(lanes))
             except NothingAccepted as exc:  # each instance refused for good; on to the next
+                self._close(lanes)
                 self._refuse(delivery, batch, exc.negotiated, on_instance)
                 continue
             except SendError as exc:
@@ -281,8 +282,8 @@ class _Lane:
 
     def store(self, study: RoutedStudy, instance: Instance) -> InstanceOutcome:
         choice = choose(instance, self.negotiated)
-        if not isinstance(choice, Choice):  # the sender refuses these before: a second lane
-            return InstanceOutcome(False, None, choice.reason)
+        if not isinstance(choice, Choice):  # refused before sending, unless this lane's
+            return InstanceOutcome(False, None, choice.reason)  # receiver answered otherwise
         context_id, syntax = choice.context_id, choice.syntax
         try:
             with instance.open() as fp:
