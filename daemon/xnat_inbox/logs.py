@@ -84,10 +84,10 @@ def configure(log_format: LogFormat = "console", log_phi: bool = False,
     root.setLevel(_level())
     # pynetdicom's own warnings (e.g. an unexpected DIMSE message) must not stay hidden
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom.acse").addFilter(_said_by_the_sender)
     # its connection errors repeat what our own events say, once per retry
     logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
     logging.getLogger("watchdog.observers.inotify").addFilter(_quiet_watchdog_shutdown)
-    logging.getLogger("pynetdicom.acse").addFilter(_said_by_the_sender)
     logging.captureWarnings(True)  # pydicom's warnings about odd files, into the same log
 
 
