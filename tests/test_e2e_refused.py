@@ -159,6 +159,7 @@ def test_receiver_accepting_no_context_is_not_an_abort(tmp_path, inprocess_scp, 
     assert "2 of 2 instance(s) not stored" in reason
     assert "MR Image Storage" in reason and "does not accept" in reason
     assert len(report["attempts"]) == 1
+    assert "No accepted presentation contexts" not in proc.text()  # said once, by our event
     never_failing(proc, tmp_path / "state")
 
 
