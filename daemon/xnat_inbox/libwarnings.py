@@ -1,16 +1,18 @@
 """Libraries' warnings in our own log: pydicom and pynetdicom warn through `warnings.warn` and
 through their loggers, pydicom often both for one odd value, and once per file. Each message is
-shown once per drop (once per process outside a drop), named by the library's module rather
-than by a file path inside the virtual environment.
+shown once per drop (outside a drop, e.g. from pynetdicom's association threads, once an hour),
+named by the library's module rather than by a file path inside the virtual environment.
 
 Scan workers are separate processes: there the warnings are collected while a drop is read and
-handed back with the answer (`collected`), and the daemon logs them in the drop's scope
-(`replay`), so they are masked and copied to the drop's log like its other lines."""
+handed back with the scan (`collected`); the daemon logs them (`replay`) in the drop's scope
+once its PHI values are known, so they are masked and copied to the drop's log like its other
+lines."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import warnings
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
@@ -20,7 +22,9 @@ from pathlib import PurePath
 #: does), so that every drop's log names the odd values of its own files
 LIBRARIES = ("pydicom", "pynetdicom")
 _LIBRARY_MODULES = r"(pydicom|pynetdicom)(\..*)?$"
-#: messages remembered outside a drop before the memory starts afresh (a daemon runs for months)
+#: outside a drop, a message is shown again after this long: a daemon runs for months
+REPEAT_SECONDS = 3600.0
+#: messages remembered outside a drop before the memory starts afresh
 REMEMBERED = 1000
 #: distinct warnings a scan worker hands back for one drop
 COLLECTED = 100
@@ -29,7 +33,7 @@ COLLECTED = 100
 LibraryWarning = tuple[str, str]
 
 _seen: ContextVar[set[str] | None] = ContextVar("library_warnings_seen", default=None)
-_seen_outside: set[str] = set()
+_seen_outside: dict[str, float] = {}  # message: when it was last shown
 
 
 def install() -> None:
@@ -61,7 +65,8 @@ def module_of(filename: str) -> str:
 
 class OncePerMessage(logging.Filter):
     """On the daemon's log handler: another library's warning passes the first time its message
-    is seen in this drop (or outside drops); our own events and other levels always pass."""
+    is seen in this drop (outside drops: once an hour); our own events and other levels always
+    pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.WARNING or record.name.split(".")[0] == "xnat_inbox":
@@ -72,9 +77,14 @@ class OncePerMessage(logging.Filter):
 def first_time(text: str) -> bool:
     seen = _seen.get()
     if seen is None:
-        seen = _seen_outside
-        if len(seen) >= REMEMBERED:
-            seen.clear()
+        now = time.monotonic()
+        shown = _seen_outside.get(text)
+        if shown is not None and now - shown < REPEAT_SECONDS:
+            return False
+        if len(_seen_outside) >= REMEMBERED:
+            _seen_outside.clear()
+        _seen_outside[text] = now
+        return True
     if text in seen:
         return False
     seen.add(text)

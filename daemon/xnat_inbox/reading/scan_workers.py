@@ -118,9 +118,10 @@ class ScanWorkers:
         finally:
             self._slots.release()
         ok, value, warned = answer
-        replay(warned)  # pydicom's warnings while reading, here: in the drop's scope and log
         if not ok:
+            replay(warned)  # nothing read: logged now, in the unread drop's scope
             raise value
+        value.warnings = warned  # logged by the caller once it can mask the drop's PHI in them
         return value
 
     def scan(self, root: Path | TrustedPath, ready_marker: str | None = None) -> ScanResult:

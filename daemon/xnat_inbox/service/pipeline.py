@@ -22,6 +22,7 @@ from ..config import SiteConfig
 from ..fsops import UnsafePath
 from ..intake.claim import ClaimedDrop
 from ..intake.watch import is_archive_name
+from ..libwarnings import replay
 from ..logs import DropName, drop_log, get_logger, phi_pattern, plain_line
 from ..outcome.finish import FinishError, complete_finish, finish, finish_pending, plan_target
 from ..outcome.report import DropReport, StudyResult
@@ -133,6 +134,7 @@ class Pipeline:
             named = self.named(drop)
             log = get_logger(**named.fields())
             with named.scope():
+                replay(scan.warnings)  # pydicom's, from the scan worker: masked like our own
                 log.info("scanned", stage="scan", files=len(scan.files), studies=len(scan.studies),
                          **scan.counts())
                 try:
