@@ -11,6 +11,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,7 +42,7 @@ def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, cwd=REPO, timeout=60)
 
 
-def entries(report: dict) -> dict[str, dict]:
+def entries(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {entry["path"]: entry for entry in report["files"]["entries"]}
 
 
@@ -52,8 +53,8 @@ def test_after_retry_the_report_names_files_stored_by_the_first_attempt(tmp_path
     report says a/'s files were stored earlier, not `not sent` without a reason."""
     refusing = {"on": True}
 
-    def refuse_pb(ds: object, index: int) -> int:
-        return 0xC000 if refusing["on"] and str(ds.PatientID) == "PB" else 0x0000  # type: ignore[attr-defined]
+    def refuse_pb(ds: Any, index: int) -> int:
+        return 0xC000 if refusing["on"] and str(ds.PatientID) == "PB" else 0x0000
 
     scp = inprocess_scp(status_for=refuse_pb)
     config, inbox = site(tmp_path, scp)
