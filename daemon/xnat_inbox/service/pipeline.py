@@ -22,7 +22,8 @@ from ..config import SiteConfig
 from ..fsops import UnsafePath
 from ..intake.claim import ClaimedDrop
 from ..intake.watch import is_archive_name
-from ..logs import DropName, drop_log, get_logger, phi_pattern
+from ..libwarnings import replay
+from ..logs import DropName, drop_log, get_logger, phi_pattern, plain_line
 from ..outcome.finish import FinishError, complete_finish, finish, finish_pending, plan_target
 from ..outcome.report import DropReport, StudyResult
 from ..outcome.verify import verify_delivery
@@ -114,6 +115,7 @@ class Pipeline:
                                                   stage="finish", moved_to=str(target))
             return target
         with drop_log() as lines:
+            lines.append(self._claimed_line(drop))
             named = self.named(drop)
             log = get_logger(**named.fields())
             report = DropReport(drop)
@@ -128,10 +130,11 @@ class Pipeline:
                     self.state.end_attempt(drop.id, attempt, type(exc).__name__, str(exc))
                     raise
             report.timings["scan_seconds"] = time.monotonic() - started
-            phi = self.phi_by_drop[drop.id] = phi_pattern(scan.phi)
+            self.phi_by_drop[drop.id] = phi_pattern(scan.phi)
             named = self.named(drop)
             log = get_logger(**named.fields())
             with named.scope():
+                replay(scan.warnings)  # pydicom's, from the scan worker: masked like our own
                 log.info("scanned", stage="scan", files=len(scan.files), studies=len(scan.studies),
                          **scan.counts())
                 try:
@@ -146,7 +149,16 @@ class Pipeline:
                     report.reasons.append(f"internal error ({type(exc).__name__}: {exc}); the "
                                           "originals are kept; please report this")
                 report.timings["total_seconds"] = time.monotonic() - started
-                return self._finish(drop, report, attempt, lines, log, phi)
+                return self._finish(drop, report, attempt, lines, log)
+
+    def _claimed_line(self, drop: ClaimedDrop) -> str:
+        """The drop's own log starts where its life in the daemon did: the `claimed` line (the
+        service's log has it too, logged before any attempt, perhaps before a restart)."""
+        skip = self.state.skip_studies(drop.id)
+        return plain_line({"timestamp": drop.claimed_at.isoformat(timespec="milliseconds"),
+                           "level": "info", "event": "claimed", "stage": "claim",
+                           "drop_id": drop.id, "origin": drop.relative_origin,
+                           "retry_skips_studies": len(skip) if skip else None})
 
     def _route(self, drop: ClaimedDrop) -> Route | RouteError:
         try:
@@ -211,7 +223,7 @@ class Pipeline:
         return failures
 
     def _finish(self, drop: ClaimedDrop, report: DropReport, attempt: int, lines: list[str],
-                log: BoundLogger, phi: re.Pattern[str] | None) -> Path:
+                log: BoundLogger) -> Path:
         outcome = "done" if report.ok else "failed"
         reasons = report.all_reasons()
         self.state.end_attempt(drop.id, attempt, outcome, "; ".join(reasons))
@@ -221,7 +233,7 @@ class Pipeline:
             target = plan_target(drop, report.ok, finished)
             log.info("finished", stage="finish", outcome=outcome, moved_to=str(target),
                      reasons=reasons)
-            target = finish(drop, target, report.to_dict(finished, phi), lines)
+            target = finish(drop, target, report.to_dict(finished), lines)
         except FinishError as exc:  # e.g. done/ is full: everything is kept, try again later
             log.error("cannot finish", stage="finish", reason=str(exc))
             raise TransientFailure(str(exc)) from None
@@ -277,6 +289,7 @@ class Pipeline:
         if routed.problems or not routed.included:
             return
         earlier = self._acknowledged(drop, routed)
+        result.earlier = set(earlier)
         pending = [i for i in routed.instances if i.sop_instance_uid not in earlier]
         self.state.drop_stage(drop.id, "sending", destination=routed.destination,
                               total=len(routed.instances))
