@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import threading
-from datetime import datetime
 from pathlib import Path
 from types import FrameType
 
@@ -91,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         return run(config)
     if args.command == "lookup":
         return lookup(config, args.values)
-    if args.command in ("status", "retry"):
-        return status_or_retry(config, args)
+    if args.command == "status":
+        from .status import status
+
+        return status(config, args.json)
+    if args.command == "retry":
+        return retry(config, args)
     if args.command == "check":
         from .explain import check
 
@@ -156,16 +158,12 @@ def lookup(config: SiteConfig, values: list[str]) -> int:
         state.close()
 
 
-def status_or_retry(config: SiteConfig, args: argparse.Namespace) -> int:
+def retry(config: SiteConfig, args: argparse.Namespace) -> int:
     from ..service.state import State
-    from .retry import RetryError, requeue, status_lines
+    from .retry import RetryError, requeue
 
     state = State(config.state_dir)
     try:
-        if args.command == "status":
-            summary = state.summary(datetime.now().astimezone().date().isoformat())
-            print(json.dumps(summary, indent=2) if args.json else "\n".join(status_lines(summary)))
-            return 0
         code = 0
         for path in args.paths:
             try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
@@ -20,6 +19,7 @@ from ..logs import DropName, get_logger, set_log_phi, unchecked
 from ..outcome.finish import FinishError, reserve_recorded
 from ..reading.scan_workers import ScanWorkers
 from .lane import IDLE_TICK_SECONDS, Lane
+from .lease import Lease, LeaseHeld
 from .pipeline import Interrupted, Pipeline, TransientFailure
 from .reload import (
     InboxError,
@@ -82,6 +82,10 @@ class Daemon:
         self.reload_requested = threading.Event()
         self.wake = threading.Event()  # ends the main loop's wait: a drop was touched
         self.supervisor = Supervisor(self)
+        self.lease = Lease(config.state_dir)
+        # for `status`: drops settling, when each was first seen, and what was last recorded
+        self.first_seen: dict[DropRef, float] = {}
+        self.recorded_settling: list[tuple[str, str, float]] | None = None
 
     # --- what the supervisor reads ------------------------------------------------------
     def watching(self) -> tuple[int, int]:
@@ -104,11 +108,16 @@ class Daemon:
             raise StartupError(str(exc)) from None
 
     def start(self) -> None:
+        try:
+            self.lease.acquire()  # before anything is resumed or claimed
+        except LeaseHeld as exc:
+            raise StartupError(str(exc)) from None
         log_warnings(self.config)
         self.prepare()
         warn_if_links_unprotected()
         for inbox in self.config.inboxes:
             self.adopt_inbox(inbox)
+        self.record_settling()  # also clears what a crash left recorded
 
     def adopt_inbox(self, inbox: InboxConfig) -> None:
         """Resume what an earlier run left claimed in this inbox, then watch it."""
@@ -164,6 +173,7 @@ class Daemon:
                     self.reload()
                 self.tick(time.monotonic())
                 self.supervisor.tick(time.monotonic())
+                self.record_settling()
         finally:
             self.supervisor.stopping()
             self.shutdown()
@@ -255,6 +265,18 @@ class Daemon:
             self.log.info("claimed", stage="claim", **self.pipeline.named(drop).fields(),
                           retry_skips_studies=len(skip) if skip else None)
             self._submit(drop)
+
+    def record_settling(self) -> None:
+        """The drops settling now, for `status`; written only when the set changes."""
+        now = time.time()
+        # a claim's own rename touches the drop once more: only what is still there
+        pending = [ref for ref in self.tracker.pending() if os.path.lexists(ref.path)]
+        self.first_seen = {ref: self.first_seen.get(ref, now) for ref in pending}
+        rows = sorted((str(ref.inbox.path), str(ref), seen)
+                      for ref, seen in self.first_seen.items())
+        if rows != self.recorded_settling:
+            self.state.record_settling(rows)
+            self.recorded_settling = rows
 
     def _watcher_of(self, ref: DropRef) -> InboxWatcher:
         return next(w for w in self.watchers if w.inbox.path == ref.inbox.path)
@@ -368,9 +390,6 @@ class Daemon:
         """Drops settling or in flight: tick often (claims, STATUS progress, stuck workers)."""
         return bool(self.drops) or bool(self.tracker.pending())
 
-    def summary(self) -> dict[str, object]:
-        return self.state.summary(datetime.now().astimezone().date().isoformat())
-
     # --- stop ---------------------------------------------------------------------------
     def shutdown(self) -> None:
         self.stop.set()
@@ -388,5 +407,7 @@ class Daemon:
             lane.join(timeout=longest + 5)
         for pipeline in [*self.retired, self.pipeline]:
             pipeline.close()  # e.g. log out of XNAT
+        self.state.record_settling([])  # nothing settles while the daemon is stopped
         self.state.close()
         self.log.info("stopped")
+        self.lease.release()
