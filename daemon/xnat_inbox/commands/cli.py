@@ -18,7 +18,7 @@ examples:
   xnat-inbox check                                 validate config and routes, C-ECHO, XNAT login
   xnat-inbox explain /srv/inbox/scanner/MR_0042    how a folder would be grouped and routed
   xnat-inbox --config ./config.yaml run            watch the inboxes (what systemd runs)
-  xnat-inbox status                                waiting, sending, failed today, health
+  xnat-inbox status                                is it running; settling, waiting, sending
   xnat-inbox retry /srv/inbox/scanner/failed/2026-11-25/MR_0042   put a failed drop back
   xnat-inbox demo                                  a local receiver, an inbox, a real drop
 
@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "folder in one); default: where PATH is")
     explain.add_argument("--show-phi", action="store_true",
                          help="show labels derived from patient data instead of [PHI]")
-    status = commands.add_parser("status", help="drops waiting, sending (with progress), failed "
-                                 "today, and destinations' health")
+    status = commands.add_parser("status", help="whether the daemon runs; drops settling, "
+                                 "waiting, sending (with progress), done and failed today; "
+                                 "destinations' health (exit 1: the daemon isn't running)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     retry = commands.add_parser("retry", help="put drops from failed/ back in line; studies "
                                 "their report shows as delivered are skipped")
