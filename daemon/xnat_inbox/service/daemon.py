@@ -29,6 +29,7 @@ from .reload import (
     log_warnings,
     prepare_inboxes,
 )
+from .settling import SettlingRecord
 from .state import State
 from .supervise import Supervisor
 
@@ -83,9 +84,7 @@ class Daemon:
         self.wake = threading.Event()  # ends the main loop's wait: a drop was touched
         self.supervisor = Supervisor(self)
         self.lease = Lease(config.state_dir)
-        # for `status`: drops settling, when each was first seen, and what was last recorded
-        self.first_seen: dict[DropRef, float] = {}
-        self.recorded_settling: list[tuple[str, str, float]] | None = None
+        self.settling_record = SettlingRecord(self.state)  # for `status`
 
     # --- what the supervisor reads ------------------------------------------------------
     def watching(self) -> tuple[int, int]:
@@ -117,7 +116,7 @@ class Daemon:
         warn_if_links_unprotected()
         for inbox in self.config.inboxes:
             self.adopt_inbox(inbox)
-        self.record_settling()  # also clears what a crash left recorded
+        self.settling_record.update(self.tracker.pending())  # and what a crash left is gone
 
     def adopt_inbox(self, inbox: InboxConfig) -> None:
         """Resume what an earlier run left claimed in this inbox, then watch it."""
@@ -173,7 +172,7 @@ class Daemon:
                     self.reload()
                 self.tick(time.monotonic())
                 self.supervisor.tick(time.monotonic())
-                self.record_settling()
+                self.settling_record.update(self.tracker.pending())
         finally:
             self.supervisor.stopping()
             self.shutdown()
@@ -265,18 +264,6 @@ class Daemon:
             self.log.info("claimed", stage="claim", **self.pipeline.named(drop).fields(),
                           retry_skips_studies=len(skip) if skip else None)
             self._submit(drop)
-
-    def record_settling(self) -> None:
-        """The drops settling now, for `status`; written only when the set changes."""
-        now = time.time()
-        # a claim's own rename touches the drop once more: only what is still there
-        pending = [ref for ref in self.tracker.pending() if os.path.lexists(ref.path)]
-        self.first_seen = {ref: self.first_seen.get(ref, now) for ref in pending}
-        rows = sorted((str(ref.inbox.path), str(ref), seen)
-                      for ref, seen in self.first_seen.items())
-        if rows != self.recorded_settling:
-            self.state.record_settling(rows)
-            self.recorded_settling = rows
 
     def _watcher_of(self, ref: DropRef) -> InboxWatcher:
         return next(w for w in self.watchers if w.inbox.path == ref.inbox.path)
