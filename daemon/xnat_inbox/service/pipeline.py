@@ -267,10 +267,13 @@ class Pipeline:
             deidentify(result.routed, drop, self.config.deid_secret_file,
                        self.state.record_deid_map, log)
             report.studies.append(result)
-            if study.uid in skip:
-                result.delivered_earlier = True
-                continue
-            self._send(drop, result, log, give_up)
+            result.delivered_earlier = study.uid in skip
+        # what `status` counts against: the files of every study this drop sends, not one's
+        total = sum(len(r.routed.instances) for r in report.studies
+                    if not r.delivered_earlier and r.routed.included and not r.routed.problems)
+        for result in report.studies:
+            if not result.delivered_earlier:
+                self._send(drop, result, log, give_up, total)
         retry = [r for r in report.studies if r.verdict and r.verdict.transient]
         if retry and not give_up and not any(r.blocked for r in report.studies):
             raise TransientFailure("; ".join(reason for r in retry for reason in r.reasons))
@@ -281,7 +284,7 @@ class Pipeline:
                                   f"{names}; fix or remove them, then `xnat-inbox retry`")
 
     def _send(self, drop: ClaimedDrop, result: StudyResult, log: BoundLogger,
-              give_up: str | None) -> None:
+              give_up: str | None, total: int) -> None:
         routed = result.routed
         log.info("routed", stage="route", study=routed.study.uid, destination=routed.destination,
                  labels=routed.routing_value or None, series=len(routed.included),
@@ -291,8 +294,7 @@ class Pipeline:
         earlier = self._acknowledged(drop, routed)
         result.earlier = set(earlier)
         pending = [i for i in routed.instances if i.sop_instance_uid not in earlier]
-        self.state.drop_stage(drop.id, "sending", destination=routed.destination,
-                              total=len(routed.instances))
+        self.state.drop_stage(drop.id, "sending", destination=routed.destination, total=total)
         if pending and not give_up:
             delivery = self._send_pending(drop, routed, pending, len(earlier))
         else:
