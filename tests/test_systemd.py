@@ -18,6 +18,8 @@ import yaml
 
 from tests.daemon_runner import DaemonProcess, wait_for_report
 from tests.systemd_support import NotifySocket, drop, events, has, site, status_with, statuses
+from tests.test_e2e_cstore import copy_in
+from xnat_inbox.commands.synthetic import SeriesSpec, write_session
 from xnat_inbox.service.notify import Notifier, watchdog_interval
 
 pytestmark = pytest.mark.systemd
@@ -72,6 +74,26 @@ def test_status_follows_a_drop_from_waiting_to_sent(tmp_path, notify, service, i
     # every STATUS differs from the one before: sent on change only
     lines = statuses(notify.messages[start:])
     assert all(a != b for a, b in itertools.pairwise(lines))
+
+
+def test_status_counts_the_files_of_the_whole_drop_across_its_studies(
+        tmp_path, notify, service, inprocess_scp, gate):
+    """Two studies of two files each, held at the third file: the drop is 3/4 along, which
+    STATUS says (it showed the second study's own 1/2)."""
+    held = gate(3)
+    config, (inbox,) = site(tmp_path, inprocess_scp(status_for=held))
+    service(config)
+    start = len(notify.messages)
+    source = tmp_path / "src" / "TWO"
+    for study in ("1", "2"):
+        write_session(source, series=(SeriesSpec("T1", 2),), layout="flat",
+                      study_description=f"Study {study}")
+    copy_in(source, inbox)
+    sending = notify.wait_for(status_with("sending TWO 3/4"), after=start)
+    held.opened.set()
+    assert wait_for_report(inbox, "TWO")[0] == "done"
+    assert not any(re.search(r"sending TWO \d/2", line)
+                   for line in statuses(notify.messages[start:])), sending
 
 
 def test_status_masks_a_drop_folder_named_after_the_patient(tmp_path, notify, service,

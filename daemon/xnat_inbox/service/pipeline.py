@@ -13,6 +13,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -57,6 +58,14 @@ def set_aside(failures: list[str]) -> str:
     return (f"reading this drop crashed a scan worker {len(failures)} times ({reasons}); set "
             "aside unread: look for an archive or file built to blow up a reader, then "
             "`xnat-inbox retry` it")
+
+
+@dataclass
+class DropCount:
+    """Files of the whole drop to send and acknowledged so far: what STATUS= shows, so a
+    drop of three one-file studies reads 1/3, not 0/1."""
+    total: int
+    done: int = 0
 
 
 class Pipeline:
@@ -271,9 +280,10 @@ class Pipeline:
         # what `status` counts against: the files of every study this drop sends, not one's
         total = sum(len(r.routed.instances) for r in report.studies
                     if not r.delivered_earlier and r.routed.included and not r.routed.problems)
+        count = DropCount(total)
         for result in report.studies:
             if not result.delivered_earlier:
-                self._send(drop, result, log, give_up, total)
+                self._send(drop, result, log, give_up, count)
         retry = [r for r in report.studies if r.verdict and r.verdict.transient]
         if retry and not give_up and not any(r.blocked for r in report.studies):
             raise TransientFailure("; ".join(reason for r in retry for reason in r.reasons))
@@ -284,7 +294,7 @@ class Pipeline:
                                   f"{names}; fix or remove them, then `xnat-inbox retry`")
 
     def _send(self, drop: ClaimedDrop, result: StudyResult, log: BoundLogger,
-              give_up: str | None, total: int) -> None:
+              give_up: str | None, count: DropCount) -> None:
         routed = result.routed
         log.info("routed", stage="route", study=routed.study.uid, destination=routed.destination,
                  labels=routed.routing_value or None, series=len(routed.included),
@@ -294,9 +304,11 @@ class Pipeline:
         earlier = self._acknowledged(drop, routed)
         result.earlier = set(earlier)
         pending = [i for i in routed.instances if i.sop_instance_uid not in earlier]
-        self.state.drop_stage(drop.id, "sending", destination=routed.destination, total=total)
+        self.state.drop_stage(drop.id, "sending", destination=routed.destination,
+                              total=count.total)
+        count.done += len(earlier)
         if pending and not give_up:
-            delivery = self._send_pending(drop, routed, pending, len(earlier))
+            delivery = self._send_pending(drop, routed, pending, count)
         else:
             delivery = Delivery(routed.destination)
         delivery.outcomes.update(earlier)
@@ -320,24 +332,23 @@ class Pipeline:
                 if sop in ours}
 
     def _send_pending(self, drop: ClaimedDrop, routed: RoutedStudy, pending: list[Instance],
-                      done_before: int) -> Delivery:
-        total, done = len(routed.instances), done_before
+                      count: DropCount) -> Delivery:
+        done_before = count.done
 
         def on_instance(instance: Instance, outcome: InstanceOutcome) -> None:
-            nonlocal done
             self.state.record_instance(drop.id, routed.destination, routed.study.uid,
                                        instance.sop_instance_uid, outcome.stored,
                                        outcome.status, outcome.note)
-            done += 1
+            count.done += 1
             if self.progress:
-                self.progress(drop.id, done, total)
+                self.progress(drop.id, count.done, count.total)
 
         def on_progress(files: int, sent_bytes: int) -> None:
             # REST uploads acknowledge a study only at its end: show files as they go out
             self.state.record_progress(drop.id, routed.destination, routed.study.uid, files,
                                        sent_bytes)
             if self.progress:
-                self.progress(drop.id, done_before + files, total)
+                self.progress(drop.id, done_before + files, count.total)
 
         return self.sender(routed.destination).send(routed, pending, on_instance,
                                                     self.stop.is_set, on_progress=on_progress)
