@@ -143,7 +143,10 @@ def test_a_backlog_in_two_routing_folders_is_delivered_to_both_destinations(tmp_
             time.sleep(0.1)
         finished = reports(inbox)
         assert len(finished) == 2 * len(names)
-        assert all(path.parent.parent.name == "done" for path in finished)
+        # done/<day>/<routing folder>/<drop>: the same names stay apart, under their folder
+        assert sorted((p.parents[2].name, p.parent.name, p.name) for p in finished) == sorted(
+            ("done", folder, f"{name}.report.json") for folder in ("to-a", "to-b")
+            for name in names)
         kept = [checksums(p.with_name(p.name.removesuffix(".report.json"))) for p in finished]
         assert sorted(sorted(k.items()) for k in kept) == \
             sorted(sorted(s.items()) for s in sums.values())  # every original, moved

@@ -10,7 +10,7 @@ import sys
 import tarfile
 import time
 import zipfile
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,10 @@ from tests.daemon_runner import (
 )
 from tests.test_e2e_cstore import ROUTE, copy_in
 from xnat_inbox.commands.synthetic import Patient, SeriesSpec, write_session
+from xnat_inbox.config import InboxConfig
+from xnat_inbox.intake.claim import claim
+from xnat_inbox.intake.watch import DropRef
+from xnat_inbox.outcome.finish import finish, plan_target
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -258,3 +262,27 @@ def test_a_lone_dicom_file_without_study_uid_is_named_for_what_it_is(tmp_path, s
         "file without StudyInstanceUID: XNAT can't place it); fix or remove them, then "
         "`xnat-inbox retry`"]
     assert storescp.files() == []
+
+
+@pytest.mark.ops
+def test_a_routing_folder_under_done_never_mixes_with_a_drop_of_its_name(tmp_path):
+    """done/<day>/StudyV is a drop's originals (a drop once copied in as StudyV): the drops of
+    the routing folder StudyV go to done/<day>/StudyV-1/, and a later drop StudyV beside the
+    routing folder of that name takes another name."""
+    (tmp_path / "inbox" / "StudyV").mkdir(parents=True)
+    inbox = InboxConfig(path=tmp_path / "inbox")
+    day = inbox.done / "2026-01-02"
+    (day / "StudyV").mkdir(parents=True)
+    (day / "StudyV.report.json").write_text("{}")
+    write_session(inbox.path / "StudyV" / "v1", series=(SeriesSpec("T1", 1),))
+    drop = claim(DropRef(inbox, inbox.path / "StudyV", "v1"))
+    target = plan_target(drop, True, datetime(2026, 1, 2))
+    assert target == day / "StudyV-1" / "v1"
+    assert finish(drop, target, {"outcome": "done"}, ["log"]) == target
+    assert sorted(p.name for p in (day / "StudyV-1").iterdir()) == [
+        "v1", "v1.log", "v1.report.json"]
+    assert sorted(p.name for p in (day / "StudyV").iterdir()) == []  # the old drop untouched
+    write_session(inbox.path / "StudyV-1", series=(SeriesSpec("T1", 1),))  # a drop, this time
+    drop = claim(DropRef(inbox, inbox.path, "StudyV-1"))
+    assert plan_target(drop, False, datetime(2026, 1, 2)).parent == inbox.failed / "2026-01-02"
+    assert plan_target(drop, True, datetime(2026, 1, 2)) == day / "StudyV-1-1"

@@ -99,25 +99,25 @@ def plan_target(drop: ClaimedDrop, ok: bool, when: datetime) -> Path:
     return target
 
 
-def _routing_name(day: int, folder: Path, name: str) -> str:
+def _routing_name(folder_fd: int, folder: Path, name: str) -> str:
     """The name for a routing folder in a folder of done/ or failed/: `name`, unless a drop
     (its originals, report or log, or one planned) or anything not our own folder holds it;
     then `name-1`, `name-2`, ... (called with _planned_lock held)."""
     candidate, n = name, 0
-    while not _routing_folder_usable(day, folder, candidate):
+    while not _routing_folder_usable(folder_fd, folder, candidate):
         n += 1
         candidate = f"{name}-{n}"
     return candidate
 
 
-def _routing_folder_usable(day: int, folder: Path, name: str) -> bool:
-    if folder / name in _planned or any(exists(day, f"{name}{suffix}")
+def _routing_folder_usable(folder_fd: int, folder: Path, name: str) -> bool:
+    if folder / name in _planned or any(exists(folder_fd, f"{name}{suffix}")
                                         for suffix in BESIDE.values()):
         return False
-    if not exists(day, name):
+    if not exists(folder_fd, name):
         return True
     try:
-        with held(open_entry(day, name, folder / name, directory=True)) as fd:
+        with held(open_entry(folder_fd, name, folder / name, directory=True)) as fd:
             check_own_folder(fd, folder / name)
     except OSError:  # a drop's originals (a file, or a folder its sender owns)
         return False
