@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     retry = commands.add_parser("retry", parents=[common], help="put drops from failed/ back in "
                                 "line; studies their report shows as delivered are skipped")
     retry.add_argument("paths", type=Path, nargs="+", metavar="PATH",
-                       help="a drop (folder or archive) in failed/YYYY-MM-DD/")
+                       help="a drop (folder or archive) in failed/YYYY-MM-DD/, or in the "
+                       "routing folder kept below it (failed/YYYY-MM-DD/StudyV/v1)")
     retry.add_argument("--all", action="store_true", help="send delivered studies again too")
     lookup = commands.add_parser(
         "lookup", parents=[common], help="PHI-BEARING: map de-identified UIDs/PatientIDs to the "
