@@ -29,6 +29,7 @@ from xnat_inbox.config import InboxConfig
 from xnat_inbox.intake.claim import claim
 from xnat_inbox.intake.watch import DropRef
 from xnat_inbox.outcome.finish import finish, plan_target
+from xnat_inbox.service.supervise import finished_today
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -286,3 +287,19 @@ def test_a_routing_folder_under_done_never_mixes_with_a_drop_of_its_name(tmp_pat
     drop = claim(DropRef(inbox, inbox.path, "StudyV-1"))
     assert plan_target(drop, False, datetime(2026, 1, 2)).parent == inbox.failed / "2026-01-02"
     assert plan_target(drop, True, datetime(2026, 1, 2)) == day / "StudyV-1-1"
+
+
+@pytest.mark.ops
+def test_the_status_line_counts_drops_finished_in_routing_folders(tmp_path):
+    """STATUS= "n done today" counts done/<day>/StudyV/v1.report.json too, and never walks a
+    drop's own folder."""
+    done, failed = tmp_path / "done", tmp_path / "failed"
+    today = date.today()
+    day = done / today.isoformat()
+    for folder in (day, day / "StudyV", day / "StudyV" / "deeper"):
+        (folder / "v1").mkdir(parents=True)
+        (folder / "v1.report.json").write_text("{}")
+    (day / "v1" / "inside.report.json").write_text("{}")  # a drop's own file: not counted
+    (failed / today.isoformat() / "studyW").mkdir(parents=True)
+    (failed / today.isoformat() / "studyW" / "z1.zip.report.json").write_text("{}")
+    assert finished_today({(done, failed)}, today) == (3, 1)
