@@ -2,16 +2,26 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# what is installed in the venv: the daemon alone (demo), its test tools, systemd-python
+STAMP  := $(VENV)/.installed-daemon
+TEST_STAMP := $(VENV)/.installed-test
 SYSTEMD_STAMP := $(VENV)/.installed-systemd
 
 .PHONY: demo test bench lint system-deps clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+
+## the daemon and its own dependencies only
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
 	touch $(STAMP)
+
+## pytest, hypothesis, ruff & co (the [test] extra)
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(TEST_STAMP)
 
 ## a local DICOM receiver, an inbox, a real drop delivered (needs only Python)
 demo: $(STAMP)
@@ -29,7 +39,7 @@ system-deps:
 	fi
 
 ## the [systemd] extra (systemd-python) is built against libsystemd-dev, so after system-deps
-$(SYSTEMD_STAMP): $(STAMP) | system-deps
+$(SYSTEMD_STAMP): $(TEST_STAMP) | system-deps
 	$(BIN)/pip install --quiet -e '.[test,systemd]'
 	touch $(SYSTEMD_STAMP)
 
@@ -37,14 +47,14 @@ test: $(SYSTEMD_STAMP)
 	$(BIN)/ruff check daemon tests bench
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP) system-deps
+bench: $(TEST_STAMP) system-deps
 	$(BIN)/python bench/cstore.py
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/rest.py
 	$(BIN)/python bench/watch.py
 	$(BIN)/python bench/backlog.py
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check daemon tests bench
 
 clean:

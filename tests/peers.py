@@ -288,7 +288,9 @@ class _ExternalPeer:
 class StoreSCP(_ExternalPeer):
     """dcmtk `storescp`, writing every received instance under `output_dir`.
 
-    Debian's storescp handles one association at a time unless fork=True.
+    Debian's storescp handles one association at a time unless fork=True. `syntaxes` is
+    storescp's transfer syntax option: "+xa" any it knows (the default here), "" its own
+    default (uncompressed only), "+xi" Implicit VR Little Endian only.
     """
 
     name = "storescp"
@@ -303,6 +305,7 @@ class StoreSCP(_ExternalPeer):
         sort_by_study: bool = False,
         unique_filenames: bool = False,
         fork: bool = False,
+        syntaxes: str = "+xa",
         extra_args: Sequence[str] = (),
         start_timeout: float = 10.0,
         stop_timeout: float = 5.0,
@@ -314,12 +317,15 @@ class StoreSCP(_ExternalPeer):
         self._ports_fixed = port is not None
         self.output_dir = Path(output_dir) if output_dir else self.workdir / "received"
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._options = self._storescp_options(sort_by_study, unique_filenames, fork)
+        self._options = self._storescp_options(sort_by_study, unique_filenames, fork, syntaxes)
         self._options += list(extra_args)
 
     @staticmethod
-    def _storescp_options(sort_by_study: bool, unique: bool, fork: bool) -> list[str]:
-        options = ["-v", "+xa"]  # -v: one log line per stored file; +xa: any known syntax
+    def _storescp_options(sort_by_study: bool, unique: bool, fork: bool,
+                          syntaxes: str = "+xa") -> list[str]:
+        options = ["-v"]  # one log line per stored file
+        if syntaxes:
+            options.append(syntaxes)
         if sort_by_study:
             options += ["-su", "study"]  # subfolders study_<StudyInstanceUID>
         if unique:
@@ -493,6 +499,8 @@ class InProcessSCP:
     `status_for(dataset, index)` picks the C-STORE status of the index-th request
     (0-based, in arrival order): e.g. 0xB000 warning, 0xA700 out of resources, 0xC000.
     With `require_called_aet`, associations addressed to another AE title are rejected.
+    With `sop_classes`, only those storage SOP classes are accepted (a receiver that refuses
+    the others).
     """
 
     def __init__(
@@ -503,6 +511,7 @@ class InProcessSCP:
         require_called_aet: str | None = None,
         status_for: StatusHook | None = None,
         keep_pixel_data: bool = True,
+        sop_classes: Sequence[str] | None = None,
     ) -> None:
         self.aet = require_called_aet or aet
         self.host = HOST
@@ -515,14 +524,15 @@ class InProcessSCP:
         self._accepted = 0
         self._rejected = 0
         self._released = 0
-        self._ae = self._make_ae(require_called_aet is not None)
+        self._ae = self._make_ae(require_called_aet is not None, sop_classes)
         self._server: Any = None
 
-    def _make_ae(self, require_called_aet: bool) -> AE:
+    def _make_ae(self, require_called_aet: bool, sop_classes: Sequence[str] | None) -> AE:
         ae = AE(ae_title=self.aet)
         ae.require_called_aet = require_called_aet
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            if sop_classes is None or context.abstract_syntax in sop_classes:
+                ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         return ae
 

@@ -74,7 +74,10 @@ def test_storescp_receives_every_instance_with_routing_string(tmp_path, storescp
     assert not list((inbox / "failed").iterdir())
 
 
-def test_no_phi_in_logs_or_report(tmp_path, storescp, daemon):
+def test_no_phi_in_the_daemon_log_labels_as_they_are_beside_the_originals(tmp_path, storescp,
+                                                                           daemon):
+    """The service's log masks PHI; the report and the drop's .log lie beside the original
+    files, which hold it anyway, and name the labels as sent (issue 16, point 9)."""
     write_session(tmp_path / "src" / "MR_PHI")
     config, inbox = site(tmp_path, storescp)
     proc = daemon(config)
@@ -82,12 +85,14 @@ def test_no_phi_in_logs_or_report(tmp_path, storescp, daemon):
     outcome, _, report_path = wait_for_report(inbox, "MR_PHI", daemon=proc)
     assert outcome == "done"
     proc.stop()
-    texts = {"daemon log": proc.text(), "report": report_path.read_text(),
-             "drop log": report_path.with_name("MR_PHI.log").read_text()}
-    for where, text in texts.items():
-        assert "[PHI]" in text or where == "daemon log"
-        for value in PHI:
-            assert value not in text, f"{value!r} appears in the {where}"
+    for value in PHI:
+        assert value not in proc.text(), f"{value!r} appears in the daemon log"
+    assert "xnat://Proj/[PHI]/[PHI]_20260115" in proc.text()
+    beside = {"report": report_path.read_text(),
+              "drop log": report_path.with_name("MR_PHI.log").read_text()}
+    for where, text in beside.items():
+        assert "xnat://Proj/SUBJ001/SUBJ001_20260115" in text, where
+        assert "[PHI]" not in text, where
 
 
 def test_orthanc_holds_study_with_labels(tmp_path, orthanc, daemon):
@@ -115,8 +120,8 @@ def test_two_studies_in_one_folder_are_sent_with_their_own_labels(tmp_path, stor
     outcome, report, _ = wait_for_report(inbox, "TWO", daemon=proc)
     assert outcome == "done", report["reasons"]
     by_uid = {s["study_instance_uid"]: s for s in report["studies"]}
-    assert by_uid[one.study_uid]["labels"]["session"] == "[PHI]_20260101"
-    assert by_uid[two.study_uid]["labels"]["session"] == "[PHI]_20260202"
+    assert by_uid[one.study_uid]["labels"]["session"] == "SUBJA_20260101"
+    assert by_uid[two.study_uid]["labels"]["session"] == "SUBJB_20260202"
     strings: dict[str, set[str]] = {}
     for path in storescp.files():
         ds = dcmread(path)
@@ -241,7 +246,9 @@ def test_label_breaking_xnat_rule_is_not_sent_unless_cleaned(tmp_path, storescp,
     assert outcome == "failed"
     [reason] = report["studies"][0]["reasons"]
     assert "subject label" in reason and "PatientName" in reason and "'^'" in reason
-    assert "Smith" not in reason  # the label is PHI: redacted in the report
+    # the report lies beside the originals: the label as rendered; the service's log masks it
+    assert "subject label 'Smith^John J'" in reason
+    assert "Smith" not in proc.text()
     assert storescp.files() == []
 
     (inbox / "route.yaml").write_text("clean_labels: true\n")

@@ -1,4 +1,4 @@
-"""`retry` and `status` commands, and the finish step completed after a crash."""
+"""The `retry` command, and the finish step completed after a crash (`status`: test_status.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from xnat_inbox.outcome.finish import (
     finish_pending,
     plan_target,
 )
-from xnat_inbox.service.state import State
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -76,23 +75,6 @@ def test_retry_puts_a_failed_drop_back_and_skips_delivered_studies(tmp_path, inp
 
     wrong = cli(config, "retry", str(inbox / "done"))
     assert wrong.returncode == 1 and "is not a drop this daemon put in failed/" in wrong.stderr
-
-
-def test_status_lists_waiting_and_sending_from_the_state_database(tmp_path):
-    state = State(tmp_path / "state")
-    state.drop_stage("d1", "claimed", inbox="/i", origin="MR1", name="MR1", claimed_at="2026")
-    state.drop_stage("d2", "sending", inbox="/i", origin="MR2", name="MR2", claimed_at="2026",
-                     destination="scp", total=10)
-    for n in range(4):
-        state.record_instance("d2", "scp", "1.2", f"1.2.{n}", True, 0, None)
-    state.destination_health("scp", up=False, error="refused", next_try=1e9)
-    summary = state.summary("2026")
-    assert [d["drop"] for d in summary["waiting"]] == ["MR1"]
-    assert summary["sending"] == [{"id": "d2", "drop": "MR2", "destination": "scp",
-                                   "stored": 4, "total": 10, "sent_files": 0, "sent_bytes": 0}]
-    assert summary["destinations"][0]["up"] is False
-    assert state.acknowledged("d2", "scp").keys() == {f"1.2.{n}" for n in range(4)}
-    state.close()
 
 
 @pytest.mark.faults

@@ -61,7 +61,7 @@ def test_random_trees_never_crash_the_scanner(tmp_path_factory, tree):
     scan = scan_drop(root)
     inbox = InboxConfig(path=root.parent)
     drop = ClaimedDrop("prop", inbox, root.parent, root.name, False, datetime.now().astimezone())
-    report = DropReport(drop, scan=scan).to_dict(datetime.now().astimezone(), None)
+    report = DropReport(drop, scan=scan).to_dict(datetime.now().astimezone())
     reported = {entry["path"] for entry in report["files"]["entries"]}
     assert reported == written
     assert report["files"]["total"] == len(written) == sum(report["files"]["by_kind"].values())

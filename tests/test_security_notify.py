@@ -22,8 +22,8 @@ pytestmark = pytest.mark.security
 INJECTED = "MR_0001\nWATCHDOG=trigger\nREADY=1\nSTOPPING=1\n\x1b[2K\rEXTEND_TIMEOUT_USEC=1"
 #: every line the daemon itself sends
 OWN_LINE = re.compile(r"(READY=1|STOPPING=1|RELOADING=1|WATCHDOG=1|MONOTONIC_USEC=\d+|STATUS=.*)")
-#: a console log line: timestamp, level, event
-EVENT_LINE = re.compile(r"\d{4}-\d\d-\d\dT[\d:.]+ \[\w+ *\] ")
+#: a console log line: timestamp with its zone, level, event
+EVENT_LINE = re.compile(r"\d{4}-\d\d-\d\dT[\d:.]+(?:[+-]\d\d:\d\d|Z) \[\w+ *\] ")
 
 
 def forged_lines(notify: NotifySocket) -> list[str]:

@@ -11,7 +11,12 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLosslessSV1,
+)
 
 from xnat_inbox.commands.synthetic import SUPPORTED_TRANSFER_SYNTAXES, SeriesSpec, write_session
 from xnat_inbox.config import InboxConfig
@@ -21,7 +26,7 @@ from xnat_inbox.intake.watch import DropRef, drop_for_path, existing_drops, file
 from xnat_inbox.reading.rawheader import FIRST_WINDOW, HEADER_WINDOW
 from xnat_inbox.reading.scan import Kind, scan_drop
 from xnat_inbox.routing.route import Labels, Route, RoutedStudy, RouteError, resolve_route
-from xnat_inbox.senders.dicom.contexts import association_batches, context_key
+from xnat_inbox.senders.dicom.contexts import ContextKey, association_batches, context_key
 from xnat_inbox.senders.dicom.outgoing import outgoing_header
 from xnat_inbox.senders.dicom.splice import routing_splice
 
@@ -194,6 +199,25 @@ def test_association_batches_hold_at_most_128_contexts(tmp_path):
     assert sum(len(members) for _, members in batches) == 300
     for keys, members in batches:
         assert {context_key(i) for i in members} <= set(keys)
+
+
+def test_association_batches_offer_little_endian_beside_compressed(tmp_path):
+    """A SOP class in a compressed syntax is proposed in little endian too, in the same
+    association: the receiver's answer says what it takes instead."""
+    write_session(tmp_path / "s", series=(SeriesSpec("T1", 3),))
+    instances = [e.instance for e in scan_drop(tmp_path / "s").files]
+    many = [type(instances[0])(**{**vars(instances[n % 3]), "sop_class_uid": f"1.2.3.{n}",
+                                  "transfer_syntax": JPEGLosslessSV1})
+            for n in range(100)]
+    plain = instances[0]  # little endian, its own SOP class: no second context
+    batches = list(association_batches([*many, plain]))
+    assert [len(keys) for keys, _ in batches] == [128, 73]
+    assert sum(len(members) for _, members in batches) == 101
+    for keys, members in batches:
+        for instance in members:
+            key = context_key(instance)
+            assert key in keys
+            assert ContextKey(key.sop_class, None) in keys
 
 
 @pytest.mark.parametrize("syntax", sorted(SUPPORTED_TRANSFER_SYNTAXES))

@@ -1,5 +1,5 @@
-"""Units of the XNAT REST destination: credentials, config, the zip stream, error mapping,
-progress in `status`."""
+"""Units of the XNAT REST destination: credentials, config, the zip stream, error mapping
+(its progress in `status`: tests/test_status.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,11 @@ import requests
 from pydantic import ValidationError
 
 from tests.test_xnat_destination import secret_file
-from xnat_inbox.commands.retry import status_lines
 from xnat_inbox.config import RouteTemplate, XnatDestination
 from xnat_inbox.senders.xnat.auth import CredentialError, Secret, load_credentials
 from xnat_inbox.senders.xnat.readback import remedy
 from xnat_inbox.senders.xnat.session import is_transient, xnat_message
 from xnat_inbox.senders.xnat.zipstream import Counter, Member, StopUpload, zip_chunks
-from xnat_inbox.service.state import State
 
 pytestmark = pytest.mark.xnat
 
@@ -137,16 +135,3 @@ def test_messages_from_html_status_pages_and_remedies():
     assert remedy("FAILED: Session already exists, retry with overwrite enabled").startswith(
         "label clash: ")
 
-
-def test_progress_shows_in_status(tmp_path):
-    state = State(tmp_path)
-    state.drop_stage("d1", "claimed", inbox="/in", origin="MR_1", name="MR_1",
-                     claimed_at="2026-11-25T10:00:00")
-    state.drop_stage("d1", "sending", destination="xnat", total=30)
-    state.record_progress("d1", "xnat", "1.2.3", 12, 1_500_000)
-    state.record_progress("d1", "xnat", "1.2.3", 20, 2_500_000)  # replaces, per study
-    [sending] = state.summary("2026-11-25")["sending"]
-    state.close()
-    assert (sending["sent_files"], sending["sent_bytes"]) == (20, 2_500_000)
-    assert "  MR_1 -> xnat: 0/30 (sent 20 file(s), 2.5 MB)" in status_lines(
-        {"waiting": [], "sending": [sending], "failed_today": [], "destinations": []})

@@ -66,6 +66,11 @@ def field_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
+def _says_nothing(value: Any) -> bool:
+    """None and empty strings, lists and dicts are left out (0 and False are kept)."""
+    return value is None or (isinstance(value, str | list | tuple | dict | set) and not value)
+
+
 class JournalRenderer:
     """The last step of the journal handler's formatter: returns the MESSAGE (the event and its
     key=value pairs, as `journalctl` shows them) and keeps the fields for the handler, which
@@ -81,7 +86,7 @@ class JournalRenderer:
     def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> str:
         record = event.get("_record")
         items = {key: value for key, value in event.items()
-                 if not key.startswith("_") and value is not None}
+                 if not key.startswith("_") and not _says_nothing(value)}
         fields = {"PRIORITY": str(PRIORITIES.get(str(items.get("level")), 6)),
                   "SYSLOG_IDENTIFIER": IDENTIFIER}
         if "logger" in items:

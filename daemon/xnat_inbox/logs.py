@@ -12,12 +12,13 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal
 
 import structlog
 
-from . import journald
+from . import journald, libwarnings
 
 LogFormat = Literal["console", "json", "journal"]
 LOG_LEVEL_ENV = "XNAT_INBOX_LOG_LEVEL"
@@ -46,6 +47,9 @@ def configure(log_format: LogFormat = "console", log_phi: bool = False,
     global _log_phi
     _log_phi = log_phi
     stream = stream or sys.stderr
+    # JSON keeps every key and full UIDs for machines; console lines are for people
+    readable: list[Any] = (
+        [] if log_format == "json" else [omit_empty, unnamed_own_logger, shorten_uids])
     renderer: Any = (
         structlog.processors.JSONRenderer(sort_keys=False)
         if log_format == "json"
@@ -55,13 +59,15 @@ def configure(log_format: LogFormat = "console", log_phi: bool = False,
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=False),
+        add_timestamp,
         # first, so the masks reach exception text
         structlog.processors.ExceptionRenderer(exception_text),
-        redact_phi,
         mask_secrets,
+        # before the PHI mask: the drop's own log lies beside the originals, which hold the PHI
+        # anyway, and shows labels, paths and UIDs as its report does
+        copy_to_drop_log,
+        redact_phi,
         escape_controls,
-        copy_to_drop_log,  # the drop's own log shows UIDs as its report does
         hash_study_uid,
     ]
     structlog.configure(
@@ -76,18 +82,27 @@ def configure(log_format: LogFormat = "console", log_phi: bool = False,
         handler, final = journal, [journal.renderer]
     else:
         handler = logging.StreamHandler(stream)
-        final = [structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer]
+        final = [structlog.stdlib.ProcessorFormatter.remove_processors_meta, *readable, renderer]
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processors=final, foreign_pre_chain=shared))
+    handler.addFilter(libwarnings.OncePerMessage())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_level())
     # pynetdicom's own warnings (e.g. an unexpected DIMSE message) must not stay hidden
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom.acse").addFilter(_said_by_the_sender)
     # its connection errors repeat what our own events say, once per retry
     logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
     logging.getLogger("watchdog.observers.inotify").addFilter(_quiet_watchdog_shutdown)
-    logging.captureWarnings(True)  # pydicom's warnings about odd files, into the same log
+    libwarnings.install()  # pydicom's warnings about odd files, into the same log
+
+
+def add_timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Local time with its offset (2026-12-08T07:00:01.250+01:00): a line read on another
+    machine, or after a change of daylight saving time, still says when it happened."""
+    event["timestamp"] = datetime.now().astimezone().isoformat(timespec="milliseconds")
+    return event
 
 
 def _level() -> int:
@@ -128,6 +143,11 @@ def mask_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMap
 def _quiet_watchdog_shutdown(record: logging.LogRecord) -> bool:
     # watchdog logs this as an error whenever an observer stops; it means nothing
     return "called when the thread is inactive" not in record.getMessage()
+
+
+def _said_by_the_sender(record: logging.LogRecord) -> bool:
+    # the DICOM sender's own event names what the receiver refused, per file
+    return record.getMessage() != "No accepted presentation contexts"
 
 
 def redact_phi(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -230,11 +250,15 @@ def phi_pattern(values: Iterable[str]) -> re.Pattern[str] | None:
     return re.compile(rf"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])")
 
 
+def secrets_masked(value: Any) -> Any:
+    """`value` with every registered secret masked in its strings (also in lists and dicts)."""
+    return value if _secrets is None else _mask(value, _secrets, SECRET_MASK)
+
+
 def redact(value: Any, pattern: re.Pattern[str] | None) -> Any:
-    """Mask PHI in strings (also nested in lists and dicts) bound for a report or a terminal,
-    unless the site allows PHI; secrets are masked always."""
-    if _secrets is not None:
-        value = _mask(value, _secrets, SECRET_MASK)
+    """Mask PHI in strings (also nested in lists and dicts) bound for a terminal or the
+    service's status, unless the site allows PHI; secrets are masked always."""
+    value = secrets_masked(value)
     if _log_phi or pattern is None:
         return value
     return _mask(value, pattern)
@@ -286,14 +310,21 @@ def unchecked(*names: str | None) -> contextlib.AbstractContextManager[None]:
 def copy_to_drop_log(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     lines = _drop_lines.get()
     if lines is not None:
-        lines.append(_plain_line(event))
+        lines.append(plain_line(event))
     return event
 
 
-def _plain_line(event: MutableMapping[str, Any]) -> str:
+def plain_line(event: MutableMapping[str, Any]) -> str:
+    """One line of a drop's own log: time, level, event, then the fields that say something.
+    Control characters are escaped here (the daemon's log escapes after masking)."""
     skip = {"timestamp", "level", "event", "logger", "exc_info", "exception", "drop", "inbox"}
-    fields = " ".join(f"{key}={value}" for key, value in event.items() if key not in skip)
-    line = f"{event.get('timestamp', '')} {event.get('level', 'info'):<7} {event.get('event', '')}"
+    if event.get("logger") not in (None, "xnat_inbox"):  # a library's warning: whose
+        event = {**event, "source": event["logger"]}
+    fields = " ".join(f"{key}={_each_string(value, printable)}"
+                      for key, value in event.items()
+                      if key not in skip and not key.startswith("_") and not is_empty(value))
+    line = (f"{event.get('timestamp', '')} {event.get('level', 'info'):<7} "
+            f"{_each_string(event.get('event', ''), printable)}")
     line = f"{line}  {fields}" if fields else line
     if event.get("exception"):
         line += "\n" + str(event["exception"])
@@ -302,10 +333,58 @@ def _plain_line(event: MutableMapping[str, Any]) -> str:
 
 @contextlib.contextmanager
 def drop_log() -> Iterator[list[str]]:
-    """Collect the readable lines of every event logged for one drop (its <drop>.log)."""
+    """Collect the readable lines of every event logged for one drop (its <drop>.log); a
+    library's warning is shown once meanwhile."""
     lines: list[str] = []
     token = _drop_lines.set(lines)
     try:
-        yield lines
+        with libwarnings.once_per_drop():
+            yield lines
     finally:
         _drop_lines.reset(token)
+
+
+# --- console lines: what a person reads ------------------------------------------------------
+
+def is_empty(value: Any) -> bool:
+    """None and empty strings, lists and dicts say nothing; 0 and False do."""
+    return value is None or (isinstance(value, str | list | tuple | dict | set) and not value)
+
+
+def omit_empty(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """`error=None problems=[]` says nothing: such fields are left out of the line."""
+    keep = {"event", "timestamp", "level"}
+    return {key: value for key, value in event.items() if key in keep or not is_empty(value)}
+
+
+def unnamed_own_logger(_: Any, __: str,
+                       event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """`[xnat_inbox]` on every line says nothing; a library's name (`[pydicom]`) stays."""
+    if event.get("logger") == "xnat_inbox":
+        del event["logger"]
+    return event
+
+
+#: a DICOM UID long enough to be worth shortening: digits in five or more dotted components
+_UID = re.compile(r"(?<![\w.])[0-2](?:\.\d+){4,}(?![\w])")
+SHORT_UID = 24
+
+
+def short_uid(uid: str) -> str:
+    """`1.2.840.113619.2.55.3.604688119.4711` → `1.2.840…4711`: its root and its last digits,
+    enough to tell the studies and instances of one drop apart on a console line."""
+    if len(uid) <= SHORT_UID:
+        return uid
+    parts = uid.split(".")
+    return f"{'.'.join(parts[:3])[:12]}…{parts[-1][-6:]}"
+
+
+def shorten_uids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Console only: UIDs as `head…tail` (the JSON and journal output keep them whole)."""
+    def shorten(text: str) -> str:
+        return _UID.sub(lambda match: short_uid(match.group()), text)
+
+    for key, value in event.items():
+        if key not in ("timestamp", "exception"):
+            event[key] = _each_string(value, shorten)
+    return event

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import threading
-from datetime import datetime
 from pathlib import Path
 from types import FrameType
 
@@ -21,7 +19,7 @@ examples:
   xnat-inbox check                                 validate config and routes, C-ECHO, XNAT login
   xnat-inbox explain /srv/inbox/scanner/MR_0042    how a folder would be grouped and routed
   xnat-inbox --config ./config.yaml run            watch the inboxes (what systemd runs)
-  xnat-inbox status                                waiting, sending, failed today, health
+  xnat-inbox status                                is it running; settling, waiting, sending
   xnat-inbox retry /srv/inbox/scanner/failed/2026-11-25/MR_0042   put a failed drop back
   xnat-inbox demo                                  a local receiver, an inbox, a real drop
 
@@ -73,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "folder in one); default: where PATH is")
     explain.add_argument("--show-phi", action="store_true",
                          help="show labels derived from patient data instead of [PHI]")
-    status = commands.add_parser("status", parents=[common], help="drops waiting, sending "
-                                 "(with progress), failed today, and destinations' health")
+    status = commands.add_parser("status", parents=[common], help="whether the daemon runs; "
+                                 "drops settling, waiting, sending (with progress), done and "
+                                 "failed today; destinations' health (exit 1: the daemon isn't "
+                                 "running)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     retry = commands.add_parser("retry", parents=[common], help="put drops from failed/ back in "
                                 "line; studies their report shows as delivered are skipped")
@@ -123,8 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         return run(config)
     if args.command == "lookup":
         return lookup(config, args.values)
-    if args.command in ("status", "retry"):
-        return status_or_retry(config, args)
+    if args.command == "status":
+        from .status import status
+
+        return status(config, args.json)
+    if args.command == "retry":
+        return retry(config, args)
     if args.command == "check":
         from .explain import check
 
@@ -189,16 +193,12 @@ def lookup(config: SiteConfig, values: list[str]) -> int:
         state.close()
 
 
-def status_or_retry(config: SiteConfig, args: argparse.Namespace) -> int:
+def retry(config: SiteConfig, args: argparse.Namespace) -> int:
     from ..service.state import State
-    from .retry import RetryError, requeue, status_lines
+    from .retry import RetryError, requeue
 
     state = State(config.state_dir)
     try:
-        if args.command == "status":
-            summary = state.summary(datetime.now().astimezone().date().isoformat())
-            print(json.dumps(summary, indent=2) if args.json else "\n".join(status_lines(summary)))
-            return 0
         code = 0
         for path in args.paths:
             try:

@@ -24,13 +24,20 @@ from .synthetic import Patient, write_session
 
 RECEIVER_AE = "DEMO_SCP"
 WAIT_SECONDS = 120
+#: what a careful site sends: the subject's code as PatientID, and no patient name, birth
+#: date, institution or physician names (so the PHI guard has nothing to warn about)
+DEMO_PATIENT = Patient("DEMO001", "", birth_date="")
+DEMO_HEADERS: dict[str, object] = {"InstitutionName": None, "ReferringPhysicianName": ""}
 
 CONFIG = """\
-# written by `xnat-inbox demo`: a site config for one inbox and one local receiver
+# written by `xnat-inbox demo`: a site config for one inbox and one local receiver, and a
+# starting template for a real site: put your receiver's host, port and AE title under
+# destinations, your folders under state_dir and inboxes (absolute paths); every key is
+# explained in etc/xnat-inbox/config.yaml
 state_dir: {state}
-settle_seconds: 2
+settle_seconds: 2                 # default 30: how long a drop must be quiet before it is taken
 destinations:
-  demo-scp:
+  demo-scp:                       # a name of your choice; route.yaml files refer to it
     type: dicom
     host: 127.0.0.1
     port: {port}
@@ -40,7 +47,8 @@ inboxes:
 """
 
 ROUTE = """\
-# the inbox's route template: labels from DICOM keywords, localizers left out
+# the inbox's route template: labels from DICOM keywords, localizers left out; a starting
+# template for yours (docs/configuration.md lists every key)
 destination: demo-scp
 project: DemoProject
 subject: "{PatientID}"
@@ -91,7 +99,7 @@ def run_demo(base: Path) -> int:
         shutil.rmtree(base)
     inbox, received, source = base / "inbox", base / "received", base / "source"
     inbox.mkdir(parents=True)
-    session = write_session(source / "MR_DEMO_0001", patient=Patient("DEMO001", "Demo^Patient"))
+    session = write_session(source / "MR_DEMO_0001", patient=DEMO_PATIENT, extra=DEMO_HEADERS)
     (source / "MR_DEMO_0001" / "Thumbs.db").write_bytes(b"not DICOM: travels with the drop")
     receiver = Receiver(received)
     config = base / "config.yaml"
@@ -148,3 +156,15 @@ def _print_summary(report: dict[str, Any], received: Path, base: Path) -> None:
     print(f"demo: the receiver wrote {len(files)} file(s) under {received}")
     print(f"demo: the originals are in {Path(report['_path']).with_suffix('').with_suffix('')}")
     print(f"demo: daemon log {base / 'daemon.log'}")
+    print("demo: starting templates for a site of your own (README: Your first inbox):")
+    print(f"demo:   {_shown(base / 'config.yaml')}  the site config: state, destination, inbox")
+    print(f"demo:   {_shown(base / 'inbox' / 'route.yaml')}  the inbox's route: destination, "
+          "labels, series filter")
+
+
+def _shown(path: Path) -> str:
+    """Relative to the current folder when below it (demo-run/...), else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -1,4 +1,4 @@
-"""`xnat-inbox retry`: put drops from failed/ back in line, and `xnat-inbox status`."""
+"""`xnat-inbox retry`: put drops from failed/ back in line."""
 
 from __future__ import annotations
 
@@ -98,20 +98,3 @@ def _free(folder: int, name: str) -> str:
         candidate = f"{stem}-retry{n}{suffix}"
     return candidate
 
-
-def status_lines(summary: dict[str, Any]) -> list[str]:
-    lines = [f"waiting: {len(summary['waiting'])}"]
-    lines += [f"  {d['drop']} ({d['stage']}) -> {d['destination'] or '?'}"
-              for d in summary["waiting"]]
-    lines.append(f"sending: {len(summary['sending'])}")
-    lines += [f"  {d['drop']} -> {d['destination']}: {d['stored']}/{d['total']}"
-              + (f" (sent {d['sent_files']} file(s), {d['sent_bytes'] / 1e6:.1f} MB)"
-                 if d.get("sent_files") else "")
-              for d in summary["sending"]]
-    lines.append(f"failed today: {len(summary['failed_today'])}")
-    lines += [f"  {d['drop']} -> {d['moved_to']}" for d in summary["failed_today"]]
-    lines.append("destinations:")
-    for d in summary["destinations"]:
-        health = "up" if d["up"] else f"DOWN: {d['error']} (next try {d['next_try']})"
-        lines.append(f"  {d['name']}: {health} since {d['since']}")
-    return lines

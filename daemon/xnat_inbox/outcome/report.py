@@ -1,19 +1,24 @@
-"""The per-drop report: what came in, where each study went, what became of every file."""
+"""The per-drop report: what came in, where each study went, what became of every file.
+
+It lies beside the originals, which hold the patient's data anyway, readable by the same people:
+labels, routing strings and paths are written as they are (secrets never)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from .. import __version__
 from ..intake.claim import ClaimedDrop
-from ..logs import redact
+from ..logs import secrets_masked
 from ..reading.scan import Kind, ScanResult
 from ..routing.route import Route, RoutedStudy
 from ..senders.base import Delivery
 from .verify import Verdict
+
+#: a file the destination acknowledged before this attempt (or before `xnat-inbox retry`)
+STORED_EARLIER = "stored (earlier attempt)"
 
 
 @dataclass
@@ -22,6 +27,8 @@ class StudyResult:
     delivery: Delivery | None = None
     verdict: Verdict | None = None
     delivered_earlier: bool = False  # by an earlier drop this one is a retry of
+    #: SOPInstanceUIDs acknowledged by an earlier attempt of this drop (not sent again)
+    earlier: set[str] = field(default_factory=set)
 
     @property
     def delivered(self) -> bool:
@@ -64,7 +71,7 @@ class DropReport:
                          for reason in s.reasons]
         return [*self.reasons, *study_reasons]
 
-    def to_dict(self, finished_at: datetime, phi: re.Pattern[str] | None) -> dict[str, Any]:
+    def to_dict(self, finished_at: datetime) -> dict[str, Any]:
         report = {
             "version": __version__,
             "outcome": "done" if self.ok else "failed",
@@ -90,7 +97,7 @@ class DropReport:
             "studies": [_study(result) for result in self.studies],
             "files": self._files(),
         }
-        return redact(report, phi)
+        return secrets_masked(report)
 
     def _files(self) -> dict[str, Any]:
         entries = self.scan.files if self.scan else []
@@ -116,11 +123,16 @@ class DropReport:
 
 
 def _instance_outcome(result: StudyResult, sop_uid: str) -> tuple[str, str | None]:
+    if result.delivered_earlier:
+        return STORED_EARLIER, ("the study was delivered before the drop was retried; not sent "
+                                "again")
     if result.routed.problems:
         return "not sent", "the study was not sent: " + "; ".join(result.routed.problems)
     outcome = result.delivery.outcomes.get(sop_uid) if result.delivery else None
     if outcome is None:
         return "not sent", (result.delivery.error if result.delivery else None)
+    if outcome.stored and sop_uid in result.earlier:
+        return STORED_EARLIER, outcome.note
     return ("stored" if outcome.stored else "failed"), outcome.note
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from ..config import ArchiveLimits
 from ..fsops import TrustedPath
+from ..libwarnings import LibraryWarning, collected, replay
 from ..logs import get_logger
 from .scan import ScanResult, scan_drop
 from .unpack import unpack
@@ -48,6 +49,8 @@ EXIT_OUT_OF_MEMORY = 86
 START_SECONDS = 120.0
 
 log = get_logger(step="scan")
+#: a worker's answer: (True, the scan) or (False, the exception), and the libraries' warnings
+Answer = tuple[bool, Any, list[LibraryWarning]]
 
 
 @dataclass(frozen=True)
@@ -114,9 +117,11 @@ class ScanWorkers:
             self._give_back(worker)
         finally:
             self._slots.release()
-        ok, value = answer
+        ok, value, warned = answer
         if not ok:
+            replay(warned)  # nothing read: logged now, in the unread drop's scope
             raise value
+        value.warnings = warned  # logged by the caller once it can mask the drop's PHI in them
         return value
 
     def scan(self, root: Path | TrustedPath, ready_marker: str | None = None) -> ScanResult:
@@ -237,8 +242,9 @@ class _Worker:
             raise WorkerLost("the worker did not start") from None
         return problem
 
-    def run(self, job: ReadJob, timeout: float) -> tuple[bool, Any]:
-        """(True, the scan) or (False, the exception read_drop raised)."""
+    def run(self, job: ReadJob, timeout: float) -> Answer:
+        """(True, the scan) or (False, the exception read_drop raised), and the libraries'
+        warnings meanwhile."""
         self.scans += 1
         try:
             self.conn.send(job)
@@ -249,7 +255,7 @@ class _Worker:
             raise WorkerLost(f"it took longer than scan_timeout ({timeout:g} s) and was stopped")
         if self.conn in ready or self.conn.poll():
             try:
-                answer: tuple[bool, Any] = self.conn.recv()
+                answer: Answer = self.conn.recv()
                 return answer
             except (EOFError, OSError):
                 pass  # died while answering
@@ -295,20 +301,23 @@ def _serve(conn: Connection, memory_limit: int, alive: Connection) -> None:
             os._exit(EXIT_OUT_OF_MEMORY)
 
 
-def _send(conn: Connection, answer: tuple[bool, Any]) -> None:
+def _send(conn: Connection, answer: Answer) -> None:
     try:
         conn.send(answer)
     except (pickle.PicklingError, TypeError, AttributeError):  # an exception that won't pickle
-        conn.send((False, RuntimeError(repr(answer[1]))))
+        conn.send((False, RuntimeError(repr(answer[1])), answer[2]))
 
 
-def _answer(job: ReadJob) -> tuple[bool, Any]:
-    try:
-        return True, read_drop(job)
-    except MemoryError:
-        raise
-    except Exception as exc:  # sent back and raised in the daemon: UnpackError, OSError
-        return False, exc
+def _answer(job: ReadJob) -> Answer:
+    # the libraries' warnings go back with the answer, not as raw lines to the daemon's stderr
+    with collected() as warned:
+        try:
+            ok, value = True, read_drop(job)
+        except MemoryError:
+            raise
+        except Exception as exc:  # sent back and raised in the daemon: UnpackError, OSError
+            ok, value = False, exc
+    return ok, value, warned
 
 
 def _limit_memory(limit: int) -> str | None:

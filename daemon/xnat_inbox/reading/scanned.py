@@ -122,6 +122,9 @@ class ScanResult:
     files: list[FileEntry]
     studies: dict[str, Study]
     phi: set[str]
+    #: (library module, message): warnings a scan worker collected, for the daemon to log once
+    #: the drop's PHI values are known
+    warnings: list[tuple[str, str]] = field(default_factory=list)
 
     def of_kind(self, *kinds: Kind) -> list[FileEntry]:
         return [entry for entry in self.files if entry.kind in kinds]

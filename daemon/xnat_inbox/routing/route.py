@@ -25,7 +25,7 @@ from ..fsops import TrustedPath, UnsafePath, held
 from ..intake.claim import ClaimedDrop
 from ..reading.dataset import read_dataset, text_value
 from ..reading.scan import Instance, Series, Study
-from ..templates import PATH_FIELDS, Template, clean_label, label_problem
+from ..templates import MAX_LABEL_LENGTH, PATH_FIELDS, Template, clean_label, label_problem
 from ..yamlfile import read_limited
 
 #: the routing string has to fit Study Description, a LO element
@@ -38,7 +38,13 @@ INLINE_ROUTE = "inline route in the site config"
 
 
 class RouteError(Exception):
-    """No usable route for the drop: the whole drop fails with this reason."""
+    """No usable route for the drop: the whole drop fails with this reason (one line: logs and
+    the drop's .log are line-based)."""
+
+
+def one_line(message: str) -> str:
+    """A config error's lines (one per problem) joined by `; `."""
+    return "; ".join(line.strip().rstrip(".") for line in message.splitlines() if line.strip())
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,8 @@ def resolve_route(drop: ClaimedDrop, destinations: set[str]) -> Route:
         try:
             template = _read_route(drop.inbox.path, path, destinations)
         except ConfigError as exc:
-            raise RouteError(f"{exc}\nFix the route file, then run `xnat-inbox retry`.") from None
+            raise RouteError(f"{one_line(str(exc))}; fix the route file, then run "
+                             "`xnat-inbox retry`") from None
         if template is None:
             continue
         merged = template.merged_over(merged)
@@ -115,8 +122,8 @@ def check_limits(merged: RouteTemplate, origins: Mapping[str, str], allow: Inbox
     """Refuse a route that asks past the inbox's `allow:`, naming the file that asked."""
     found = breaches(merged.keys_set(), allow)
     if found:
-        raise RouteError("\n".join(breach.message(origins.get(breach.key, INLINE_ROUTE),
-                                                   inbox_key) for breach in found))
+        raise RouteError("; ".join(breach.message(origins.get(breach.key, INLINE_ROUTE),
+                                                  inbox_key) for breach in found))
 
 
 def route_defaults(allow: InboxAllow) -> dict[str, object]:
@@ -251,13 +258,31 @@ def render_labels(template: RouteTemplate,
             value = clean_label(value)
         problem = label_problem(value)
         if problem:
-            sources = ", ".join(sorted(label_template.fields)) or "the literal text"
-            problems.append(f"{key} label {value!r} {problem} (template {label_template.text!r}, "
-                            f"from {sources}); set clean_labels: true or change the template")
+            problems.append(f"{key} label {value!r} {problem}"
+                            + _label_remedy(value, label_template, values))
         rendered[key] = value
     if problems:
         return None, problems
     return Labels(**rendered), []
+
+
+def _label_remedy(value: str, label_template: Template, values: Mapping[str, str]) -> str:
+    """Where the bad label came from, and what mends it: clean_labels only mends characters."""
+    fields = sorted(label_template.fields)
+    template = repr(label_template.text)
+    if not value:
+        if not fields:
+            return f" (template {template}); give the label some text"
+        empty = " and ".join(fields)
+        verb = "is" if len(fields) == 1 else "are"
+        return (f": {empty} {verb} empty or missing in this study's files (template {template}); "
+                "fill it in the files, or build the label from an attribute they carry or from "
+                "literal text")
+    sources = ", ".join(fields) or "the literal text"
+    if len(value) > MAX_LABEL_LENGTH:
+        return (f" (template {template}, from {sources}); shorten the template or take the "
+                "label from a shorter attribute")
+    return f" (template {template}, from {sources}); set clean_labels: true or change the template"
 
 
 def routing_string(labels: Labels, keyword: str) -> str:

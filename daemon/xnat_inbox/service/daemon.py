@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
@@ -20,6 +19,7 @@ from ..logs import DropName, get_logger, set_log_phi, unchecked
 from ..outcome.finish import FinishError, reserve_recorded
 from ..reading.scan_workers import ScanWorkers
 from .lane import IDLE_TICK_SECONDS, Lane
+from .lease import Lease, LeaseHeld
 from .pipeline import Interrupted, Pipeline, TransientFailure
 from .reload import (
     InboxError,
@@ -29,6 +29,7 @@ from .reload import (
     log_warnings,
     prepare_inboxes,
 )
+from .settling import SettlingRecord
 from .state import State
 from .supervise import Supervisor
 
@@ -82,6 +83,8 @@ class Daemon:
         self.reload_requested = threading.Event()
         self.wake = threading.Event()  # ends the main loop's wait: a drop was touched
         self.supervisor = Supervisor(self)
+        self.lease = Lease(config.state_dir)
+        self.settling_record = SettlingRecord(self.state)  # for `status`
 
     # --- what the supervisor reads ------------------------------------------------------
     def watching(self) -> tuple[int, int]:
@@ -104,11 +107,16 @@ class Daemon:
             raise StartupError(str(exc)) from None
 
     def start(self) -> None:
+        try:
+            self.lease.acquire()  # before anything is resumed or claimed
+        except LeaseHeld as exc:
+            raise StartupError(str(exc)) from None
         log_warnings(self.config)
         self.prepare()
         warn_if_links_unprotected()
         for inbox in self.config.inboxes:
             self.adopt_inbox(inbox)
+        self.settling_record.update(self.tracker.pending())  # and what a crash left is gone
 
     def adopt_inbox(self, inbox: InboxConfig) -> None:
         """Resume what an earlier run left claimed in this inbox, then watch it."""
@@ -164,6 +172,7 @@ class Daemon:
                     self.reload()
                 self.tick(time.monotonic())
                 self.supervisor.tick(time.monotonic())
+                self.settling_record.update(self.tracker.pending())
         finally:
             self.supervisor.stopping()
             self.shutdown()
@@ -368,9 +377,6 @@ class Daemon:
         """Drops settling or in flight: tick often (claims, STATUS progress, stuck workers)."""
         return bool(self.drops) or bool(self.tracker.pending())
 
-    def summary(self) -> dict[str, object]:
-        return self.state.summary(datetime.now().astimezone().date().isoformat())
-
     # --- stop ---------------------------------------------------------------------------
     def shutdown(self) -> None:
         self.stop.set()
@@ -388,5 +394,7 @@ class Daemon:
             lane.join(timeout=longest + 5)
         for pipeline in [*self.retired, self.pipeline]:
             pipeline.close()  # e.g. log out of XNAT
+        self.state.record_settling([])  # nothing settles while the daemon is stopped
         self.state.close()
         self.log.info("stopped")
+        self.lease.release()

@@ -22,7 +22,8 @@ from ..config import SiteConfig
 from ..fsops import UnsafePath
 from ..intake.claim import ClaimedDrop
 from ..intake.watch import is_archive_name
-from ..logs import DropName, drop_log, get_logger, phi_pattern
+from ..libwarnings import replay
+from ..logs import DropName, drop_log, get_logger, phi_pattern, plain_line
 from ..outcome.finish import (
     FinishError,
     complete_finish,
@@ -121,6 +122,7 @@ class Pipeline:
                                                   stage="finish", moved_to=str(target))
             return target
         with drop_log() as lines:
+            lines.append(self._claimed_line(drop))
             named = self.named(drop)
             log = get_logger(**named.fields())
             report = DropReport(drop)
@@ -135,10 +137,11 @@ class Pipeline:
                     self.state.end_attempt(drop.id, attempt, type(exc).__name__, str(exc))
                     raise
             report.timings["scan_seconds"] = time.monotonic() - started
-            phi = self.phi_by_drop[drop.id] = phi_pattern(scan.phi)
+            self.phi_by_drop[drop.id] = phi_pattern(scan.phi)
             named = self.named(drop)
             log = get_logger(**named.fields())
             with named.scope():
+                replay(scan.warnings)  # pydicom's, from the scan worker: masked like our own
                 log.info("scanned", stage="scan", files=len(scan.files), studies=len(scan.studies),
                          **scan.counts())
                 try:
@@ -153,7 +156,16 @@ class Pipeline:
                     report.reasons.append(f"internal error ({type(exc).__name__}: {exc}); the "
                                           "originals are kept; please report this")
                 report.timings["total_seconds"] = time.monotonic() - started
-                return self._finish(drop, report, attempt, lines, log, phi)
+                return self._finish(drop, report, attempt, lines, log)
+
+    def _claimed_line(self, drop: ClaimedDrop) -> str:
+        """The drop's own log starts where its life in the daemon did: the `claimed` line (the
+        service's log has it too, logged before any attempt, perhaps before a restart)."""
+        skip = self.state.skip_studies(drop.id)
+        return plain_line({"timestamp": drop.claimed_at.isoformat(timespec="milliseconds"),
+                           "level": "info", "event": "claimed", "stage": "claim",
+                           "drop_id": drop.id, "origin": drop.relative_origin,
+                           "retry_skips_studies": len(skip) if skip else None})
 
     def _route(self, drop: ClaimedDrop) -> Route | RouteError:
         try:
@@ -218,7 +230,7 @@ class Pipeline:
         return failures
 
     def _finish(self, drop: ClaimedDrop, report: DropReport, attempt: int, lines: list[str],
-                log: BoundLogger, phi: re.Pattern[str] | None) -> Path:
+                log: BoundLogger) -> Path:
         outcome = "done" if report.ok else "failed"
         reasons = report.all_reasons()
         self.state.end_attempt(drop.id, attempt, outcome, "; ".join(reasons))
@@ -228,7 +240,7 @@ class Pipeline:
             target = plan_target(drop, report.ok, finished)
             log.info("finished", stage="finish", outcome=outcome, moved_to=str(target),
                      reasons=reasons)
-            target = finish(drop, target, report.to_dict(finished, phi), lines)
+            target = finish(drop, target, report.to_dict(finished), lines)
         except FinishError as exc:  # e.g. done/ is full: everything is kept, try again later
             log.error("cannot finish", stage="finish", reason=str(exc))
             raise TransientFailure(str(exc)) from None
@@ -264,10 +276,13 @@ class Pipeline:
             deidentify(result.routed, drop, self.config.deid_secret_file,
                        self.state.record_deid_map, log)
             report.studies.append(result)
-            if study.uid in skip:
-                result.delivered_earlier = True
-                continue
-            self._send(drop, result, log, give_up)
+            result.delivered_earlier = study.uid in skip
+        # what `status` counts against: the files of every study this drop sends, not one's
+        total = sum(len(r.routed.instances) for r in report.studies
+                    if not r.delivered_earlier and r.routed.included and not r.routed.problems)
+        for result in report.studies:
+            if not result.delivered_earlier:
+                self._send(drop, result, log, give_up, total)
         retry = [r for r in report.studies if r.verdict and r.verdict.transient]
         if retry and not give_up and not any(r.blocked for r in report.studies):
             raise TransientFailure("; ".join(reason for r in retry for reason in r.reasons))
@@ -276,7 +291,7 @@ class Pipeline:
             report.reasons.append(_unusable(broken))
 
     def _send(self, drop: ClaimedDrop, result: StudyResult, log: BoundLogger,
-              give_up: str | None) -> None:
+              give_up: str | None, total: int) -> None:
         routed = result.routed
         log.info("routed", stage="route", study=routed.study.uid, destination=routed.destination,
                  labels=routed.routing_value or None, series=len(routed.included),
@@ -284,9 +299,9 @@ class Pipeline:
         if routed.problems or not routed.included:
             return
         earlier = self._acknowledged(drop, routed)
+        result.earlier = set(earlier)
         pending = [i for i in routed.instances if i.sop_instance_uid not in earlier]
-        self.state.drop_stage(drop.id, "sending", destination=routed.destination,
-                              total=len(routed.instances))
+        self.state.drop_stage(drop.id, "sending", destination=routed.destination, total=total)
         if pending and not give_up:
             delivery = self._send_pending(drop, routed, pending, len(earlier))
         else:
@@ -304,8 +319,12 @@ class Pipeline:
                  delivered=verdict.delivered, retry=verdict.transient, reasons=verdict.reasons)
 
     def _acknowledged(self, drop: ClaimedDrop, routed: RoutedStudy) -> dict[str, InstanceOutcome]:
+        """This study's instances the destination already stored (the state holds the whole
+        drop's): what a `sent` event counts as earlier, and progress starts from."""
         rows = self.state.acknowledged(drop.id, routed.destination)
-        return {sop: InstanceOutcome(True, status, note) for sop, (status, note) in rows.items()}
+        ours = {instance.sop_instance_uid for instance in routed.instances}
+        return {sop: InstanceOutcome(True, status, note) for sop, (status, note) in rows.items()
+                if sop in ours}
 
     def _send_pending(self, drop: ClaimedDrop, routed: RoutedStudy, pending: list[Instance],
                       done_before: int) -> Delivery:

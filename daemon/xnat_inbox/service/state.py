@@ -1,6 +1,6 @@
 """Durable state under state_dir: each drop's stage, each instance's outcome per destination,
-every attempt, destinations' health, pending retry requests, and reads of a drop that cost a
-scan worker (or the daemon) its life (SQLite, WAL, one writer).
+every attempt, destinations' health, pending retry requests, reads of a drop that cost a
+scan worker (or the daemon) its life, and the drops settling now (SQLite, WAL, one writer).
 
 The work area on disk is the truth about which drops exist; this database only remembers how
 far each got. A corrupt or missing database is set aside and started afresh: drops are then
@@ -23,7 +23,7 @@ from typing import Any
 from ..logs import get_logger
 
 DB_NAME = "state.db"
-SCHEMA_VERSION = 2  # 2: reads
+SCHEMA_VERSION = 3  # 2: reads; 3: settling
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS drops (
     id TEXT PRIMARY KEY, inbox TEXT NOT NULL, origin TEXT NOT NULL, name TEXT NOT NULL,
@@ -57,6 +57,9 @@ CREATE TABLE IF NOT EXISTS reads (
     failures TEXT NOT NULL DEFAULT '[]');
 CREATE TABLE IF NOT EXISTS own_folders (
     dev INTEGER NOT NULL, ino INTEGER NOT NULL, at REAL NOT NULL, PRIMARY KEY (dev, ino));
+CREATE TABLE IF NOT EXISTS settling (
+    inbox TEXT NOT NULL, drop_path TEXT NOT NULL, seen REAL NOT NULL,
+    PRIMARY KEY (inbox, drop_path));
 """
 #: why a read that began was never seen to end: the daemon itself died reading the drop
 DIED_READING = "the daemon stopped while reading it"
@@ -300,30 +303,48 @@ class State:
             "SELECT kind, original, replacement FROM deid_map WHERE original=? OR "
             "replacement=? ORDER BY kind", value, value)]
 
-    # --- status -------------------------------------------------------------------------
-    def summary(self, today: str) -> dict[str, Any]:
-        """What `xnat-inbox status` and the systemd STATUS line show."""
-        active = self._read(
-            "SELECT d.id, d.origin, d.stage, d.destination, d.instances_total, "
+    # --- status: what the daemon is doing, for `xnat-inbox status` ---------------------------
+    def record_settling(self, drops: list[tuple[str, str, float]]) -> None:
+        """The drops the daemon settles now, the whole set: (inbox, drop in it, first seen)."""
+        with self._write() as db:
+            db.execute("DELETE FROM settling")
+            db.executemany("INSERT INTO settling VALUES (?, ?, ?)", drops)
+
+    def settling(self) -> list[tuple[str, str, float]]:
+        return [(r[0], r[1], r[2]) for r in self._read(
+            "SELECT inbox, drop_path, seen FROM settling ORDER BY seen, drop_path")]
+
+    def unfinished(self) -> list[dict[str, Any]]:
+        """Claimed drops not finished, in claim order, with their files stored so far."""
+        rows = self._read(
+            "SELECT d.id, d.inbox, d.origin, d.stage, d.destination, d.instances_total, "
             "(SELECT count(*) FROM instances i WHERE i.drop_id=d.id AND i.stored=1), "
             "(SELECT coalesce(sum(p.files), 0) FROM progress p WHERE p.drop_id=d.id), "
-            "(SELECT coalesce(sum(p.bytes), 0) FROM progress p WHERE p.drop_id=d.id) "
-            "FROM drops d WHERE d.stage != 'finished' ORDER BY d.claimed_at")
-        failed = self._read("SELECT origin, target FROM drops WHERE outcome='failed' AND "
-                            "claimed_at >= ? ORDER BY claimed_at", today)
-        health = self._read("SELECT name, up, since, error, next_try FROM destinations "
-                            "ORDER BY name")
-        return {
-            "waiting": [{"id": r[0], "drop": r[1], "stage": r[2], "destination": r[3]}
-                        for r in active if r[2] != "sending"],
-            "sending": [{"id": r[0], "drop": r[1], "destination": r[3], "stored": r[5],
-                         "total": r[4], "sent_files": r[6], "sent_bytes": r[7]}
-                        for r in active if r[2] == "sending"],
-            "failed_today": [{"drop": r[0], "moved_to": r[1]} for r in failed],
-            "destinations": [{"name": r[0], "up": bool(r[1]), "since": _iso(r[2]),
-                              "error": r[3], "next_try": _iso(r[4]) if r[4] else None}
-                             for r in health],
-        }
+            "(SELECT coalesce(sum(p.bytes), 0) FROM progress p WHERE p.drop_id=d.id), "
+            "d.updated_at FROM drops d WHERE d.stage != 'finished' ORDER BY d.claimed_at")
+        keys = ("id", "inbox", "origin", "stage", "destination", "total", "stored",
+                "sent_files", "sent_bytes", "updated_at")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def finished_since(self, since: float) -> list[dict[str, Any]]:
+        """Drops finished since `since` (epoch), the latest first."""
+        rows = self._read("SELECT inbox, origin, outcome, target, updated_at FROM drops WHERE "
+                          "stage='finished' AND updated_at >= ? ORDER BY updated_at DESC", since)
+        keys = ("inbox", "origin", "outcome", "target", "at")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        """Each destination's health as last recorded, with its last delivery (epoch)."""
+        delivered = dict(self._read("SELECT destination, max(updated_at) FROM drops WHERE "
+                                    "stage='finished' AND outcome='done' GROUP BY destination"))
+        rows = self._read("SELECT name, up, since, error, next_try FROM destinations")
+        found = {r[0]: {"up": bool(r[1]), "since": r[2], "error": r[3], "next_try": r[4]}
+                 for r in rows}
+        for name, at in delivered.items():
+            if name is not None:
+                found.setdefault(name, {"up": None, "since": None, "error": None,
+                                        "next_try": None})["last_delivery"] = at
+        return found
 
 
 class Memo(MutableMapping[str, str]):

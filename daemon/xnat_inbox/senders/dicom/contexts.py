@@ -1,15 +1,21 @@
 """Presentation contexts from the study itself: one per SOP class for little endian files
 (offering both little endian syntaxes, which pynetdicom converts into each other), one per SOP
 class and transfer syntax for every other syntax; a study needing more than an association
-carries is split over several."""
+carries is split over several.
+
+And the one place that decides, from the receiver's answer, which instances go out and in
+which context (`choose`): an instance whose context was refused is refused for good (the same
+proposal gets the same answer), with a reason naming its SOP class, its transfer syntax and
+what the receiver took instead."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 
 from ...reading.scan import Instance
 
@@ -17,6 +23,9 @@ from ...reading.scan import Instance
 MAX_CONTEXTS = 128
 #: pynetdicom re-encodes between these two; every other syntax is sent as it is
 CONVERTIBLE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: A-ASSOCIATE-AC presentation context results (PS3.8 9.3.3.2)
+RESULTS = {1: "refused by the receiver", 2: "refused, no reason given",
+           3: "SOP class not supported", 4: "transfer syntax not supported"}
 
 
 @dataclass(frozen=True)
@@ -33,34 +42,123 @@ def context_key(instance: Instance) -> ContextKey:
     return ContextKey(instance.sop_class_uid, syntax)
 
 
+def _with_fallback(key: ContextKey) -> list[ContextKey]:
+    """A key and, for a SOP class in another syntax than little endian, the little endian pair
+    too: the receiver's answer then says what it takes instead (named when it refuses the
+    file's own syntax; what a transcoder would send)."""
+    return [key, ContextKey(key.sop_class, None)] if key.transfer_syntax else [key]
+
+
 def association_batches(
         instances: list[Instance]) -> Iterator[tuple[list[ContextKey], list[Instance]]]:
-    """Split a study so each association needs at most MAX_CONTEXTS contexts."""
-    keys: list[ContextKey] = []
+    """Split a study so each association needs at most MAX_CONTEXTS contexts; a key and its
+    little endian fallback stay in the same association."""
+    chunks: list[list[ContextKey]] = [[]]
+    seen: set[ContextKey] = set()  # in some chunk: its instances go with the first such
     for instance in instances:
         key = context_key(instance)
-        if key not in keys:
-            keys.append(key)
-    for start in range(0, len(keys), MAX_CONTEXTS):
-        chunk = keys[start:start + MAX_CONTEXTS]
+        if key in seen:
+            continue
+        wanted = [k for k in _with_fallback(key) if k not in chunks[-1]]
+        if len(chunks[-1]) + len(wanted) > MAX_CONTEXTS:
+            chunks.append([])
+            wanted = _with_fallback(key)
+        chunks[-1] += wanted
+        seen.update(wanted)
+    left = list(instances)
+    for chunk in chunks:
         members = set(chunk)
-        yield chunk, [instance for instance in instances if context_key(instance) in members]
+        batch = [i for i in left if context_key(i) in members]
+        left = [i for i in left if context_key(i) not in members]
+        if batch:
+            yield chunk, batch
 
 
-def accepted_contexts(assoc: Association) -> dict[tuple[str, str], int]:
-    return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): int(cx.context_id)
-            for cx in assoc.accepted_contexts}
+@dataclass(frozen=True)
+class Negotiated:
+    """The receiver's answer to the contexts proposed for one association."""
+
+    where: str  # the receiver, e.g. XNAT@xnat.example.org:8104
+    accepted: dict[tuple[str, str], int] = field(default_factory=dict)  # (SOP class, syntax)
+    refused: dict[ContextKey, int] = field(default_factory=dict)  # the result, see RESULTS
+
+    @classmethod
+    def of(cls, assoc: Association, where: str) -> Negotiated:
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): int(cx.context_id)
+                    for cx in assoc.accepted_contexts}
+        # a refused context's answer names no syntax: what it was is what we proposed
+        proposed = {cx.context_id: _key_of(cx) for cx in assoc.requestor.requested_contexts}
+        refused = {proposed[cx.context_id]: int(cx.result or 0)
+                   for cx in assoc.rejected_contexts if cx.context_id in proposed}
+        return cls(where, accepted, refused)
+
+    def syntaxes_for(self, sop_class: str) -> list[str]:
+        return [syntax for (sop, syntax) in self.accepted if sop == sop_class]
+
+    def nothing_accepted(self) -> str:
+        """Why an association had nothing to carry (the receiver took no context at all)."""
+        refused = "; ".join(f"{uid_name(k.sop_class)} ({RESULTS.get(result, result)})"
+                            for k, result in list(self.refused.items())[:3])
+        return (f"{self.where} accepted none of the {len(self.refused)} presentation "
+                f"context(s) proposed: {refused}")
 
 
-def context_for(key: ContextKey, accepted: dict[tuple[str, str], int],
-                 own: str) -> tuple[int, str] | None:
-    """The accepted context to send this instance in: its own syntax first (no conversion)."""
-    for syntax in sorted(key.proposed_syntaxes(), key=lambda syntax: syntax != own):
-        if (key.sop_class, syntax) in accepted:
-            return accepted[key.sop_class, syntax], syntax
-    return None
+@dataclass(frozen=True)
+class Choice:
+    """The accepted context an instance goes out in."""
+
+    context_id: int
+    syntax: str  # the instance's own syntax where accepted; else the other little endian one
 
 
-def sop_class_name(uid: str) -> str:
+@dataclass(frozen=True)
+class Refusal:
+    """Why an instance can't go out on this association; permanent: another attempt would
+    propose the same and hear the same."""
+
+    reason: str
+
+
+def choose(instance: Instance, negotiated: Negotiated) -> Choice | Refusal:
+    """The context to send this instance in: its own syntax first (no conversion); or why the
+    receiver's answer leaves it none."""
+    key = context_key(instance)
+    for syntax in sorted(key.proposed_syntaxes(),
+                         key=lambda syntax: syntax != instance.transfer_syntax):
+        if (key.sop_class, syntax) in negotiated.accepted:
+            return Choice(negotiated.accepted[key.sop_class, syntax], syntax)
+    return Refusal(_refusal(key, negotiated))
+
+
+def _refusal(key: ContextKey, negotiated: Negotiated) -> str:
+    sop = uid_name(key.sop_class)
+    syntax = uid_name(key.transfer_syntax) if key.transfer_syntax else \
+        "Explicit or Implicit VR Little Endian"
+    result = negotiated.refused.get(key)
+    takes = negotiated.syntaxes_for(key.sop_class)
+    if result == 3 and not takes:
+        what, remedy = f"{sop} at all (SOP class not supported)", "this SOP class"
+    else:
+        why = f" ({RESULTS[result]})" if result in RESULTS else ""
+        what, remedy = f"{sop} in {syntax}{why}", "this transfer syntax"
+    if takes:
+        instead = f"; it takes that SOP class in {', '.join(uid_name(s) for s in takes)}"
+        remedy += " (or send these files in a syntax it takes)"
+    elif negotiated.accepted:
+        instead = "; it took no context for that SOP class"
+    else:
+        instead = "; it took none of the contexts proposed"
+    return (f"{negotiated.where} does not accept {what}{instead}: not sent, and no retry "
+            f"will change that; have the receiver accept {remedy}")
+
+
+def _key_of(context: PresentationContext) -> ContextKey:
+    syntaxes = [str(syntax) for syntax in context.transfer_syntax]
+    own = None if set(syntaxes) == set(CONVERTIBLE) else syntaxes[0]
+    return ContextKey(str(context.abstract_syntax), own)
+
+
+def uid_name(uid: str) -> str:
+    """A SOP class or transfer syntax as people know it, with its UID."""
     name = UID(uid).name
     return f"{name} ({uid})" if name and name != uid else uid

@@ -3,17 +3,35 @@
 
 from __future__ import annotations
 
+import re
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
-from pynetdicom.dsutils import encode
 
 from ...reading.dataset import ElementTooLarge, check_decodable, read_dataset
 from ...reading.scan import Instance
 from ...reading.trailer import read_without_pixels, tail_offset
 from ...routing.route import RoutedStudy
+
+
+class EncodingProblem(ValueError):
+    """An element of the file whose value can't be decoded or encoded again for sending (e.g. 6
+    bytes in an FD element, which takes 8 a value): a fault of the file, the same at every
+    attempt. The message names the element, never its value."""
+
+    def __init__(self, path: list[int], verb: str, cause: Exception) -> None:
+        where = f"element {' > '.join(map(_element_name, path))}" if path else "an element"
+        vr = f" (VR {_vr(path[-1])})" if path else ""
+        super().__init__(
+            f"{where}{vr} can't be {verb}: its value does not fit its VR "
+            f"({type(cause).__name__}); an encoding problem in the file, not a network one: "
+            "correct or remove that element (e.g. with dcmodify), then `xnat-inbox retry`")
 
 
 @dataclass(frozen=True)
@@ -43,7 +61,7 @@ def outgoing_copy(instance: Instance, study: RoutedStudy, fp: BinaryIO, size: in
         _read_deferred(dataset, fp)
         encoded = encode_dataset(dataset, syntax)
     except Exception as exc:  # a hostile value raises only once the transform decodes it
-        if isinstance(exc, OSError | ElementTooLarge):
+        if isinstance(exc, OSError | ElementTooLarge | EncodingProblem):
             raise
         # pydicom's messages may quote the value: name the kind of error only
         raise ValueError(f"cannot de-identify it ({type(exc).__name__})") from None
@@ -72,7 +90,12 @@ def _read_deferred(dataset: Dataset, fp: BinaryIO) -> None:
     check_decodable(dataset)
     at = fp.tell()
     for tag in list(dataset._dict):
-        dataset[tag]  # reads a deferred value
+        try:
+            dataset[tag]  # reads a deferred value, and decodes every value
+        except (OSError, ElementTooLarge):
+            raise
+        except Exception as exc:  # pydicom's message quotes the value: name the element only
+            raise EncodingProblem([int(tag)], "decoded", exc) from None
     fp.seek(at)
 
 
@@ -87,8 +110,47 @@ def _finish(dataset: Dataset, instance: Instance, study: RoutedStudy) -> None:
 
 
 def encode_dataset(dataset: Dataset, syntax: str) -> bytes:
+    """The dataset encoded in `syntax`, or EncodingProblem naming the element that can't be.
+    pydicom's writer, called directly: pynetdicom's `encode` would log a traceback per file
+    and say only that encoding failed."""
     uid = UID(syntax)
-    encoded = encode(dataset, uid.is_implicit_VR, uid.is_little_endian, uid.is_deflated)
-    if encoded is None:
-        raise ValueError("cannot encode the dataset")
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = uid.is_implicit_VR, uid.is_little_endian
+    try:
+        write_dataset(fp, dataset)
+    except Exception as exc:
+        raise EncodingProblem(_failed_at(exc), "encoded", exc) from None
+    encoded = fp.getvalue()
+    if uid.is_deflated:
+        compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+        encoded = compressor.compress(encoded) + compressor.flush()
+        encoded += b"\0" if len(encoded) % 2 else b""
     return encoded
+
+
+#: pydicom's writer prefixes an error with each tag it was in, outermost first
+_IN_TAG = re.compile(r"With tag \(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\) got exception")
+
+
+def _failed_at(exc: Exception) -> list[int]:
+    """The tags (outermost first: a sequence, then the element in its item) where the writer
+    failed."""
+    path: list[int] = []
+    for group, element in _IN_TAG.findall(str(exc)):
+        tag = int(group + element, 16)
+        if not path or path[-1] != tag:  # pydicom may name the same element twice
+            path.append(tag)
+    return path
+
+
+def _element_name(tag: int) -> str:
+    keyword = keyword_for_tag(tag)
+    name = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+    return f"{name} {keyword}" if keyword else name
+
+
+def _vr(tag: int) -> str:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:  # a private or unknown tag
+        return "unknown"

@@ -14,6 +14,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import code_to_category
 
@@ -22,19 +23,22 @@ from ...logs import get_logger
 from ...reading.scan import Instance
 from ...routing.route import RoutedStudy
 from ..base import Delivery, InstanceOutcome, OnInstance, OnProgress, SendError, ShouldStop
-from .contexts import (
-    accepted_contexts,
-    association_batches,
-    context_for,
-    context_key,
-    sop_class_name,
-)
-from .outgoing import encode_dataset, outgoing_copy, outgoing_header
+from .contexts import Choice, Negotiated, Refusal, association_batches, choose
+from .outgoing import EncodingProblem, encode_dataset, outgoing_copy, outgoing_header
 from .pool import IdleAssociations
 from .splice import routing_splice
 from .wire import StoreStatus, Wire, WireError, tune
 
 log = get_logger(step="send")
+
+
+class NothingAccepted(SendError):
+    """The receiver answered, but accepted none of the contexts proposed: pynetdicom then
+    aborts the association itself. The same proposal gets the same answer: permanent."""
+
+    def __init__(self, negotiated: Negotiated) -> None:
+        super().__init__(negotiated.nothing_accepted(), transient=False)
+        self.negotiated = negotiated
 
 
 class DicomSender:
@@ -71,6 +75,8 @@ class DicomSender:
                             "host in the site config and the name service", transient=True
                             ) from None
         if not assoc.is_established:
+            if _nothing_accepted(assoc):
+                raise NothingAccepted(Negotiated.of(assoc, self.where))
             raise SendError(self._refusal(assoc, bool(connected)),
                             transient=not _rejected_permanently(assoc))
         tune(assoc)
@@ -116,17 +122,25 @@ class DicomSender:
             lanes: list[_Lane] = self._idle.take(key, wanted)  # type: ignore[assignment]
             try:
                 lanes += self._open_lanes(contexts, wanted - len(lanes), bool(lanes))
+            except NothingAccepted as exc:  # each instance refused for good; on to the next
+                self._close(lanes)
+                self._refuse(delivery, batch, exc.negotiated, on_instance)
+                continue
             except SendError as exc:
                 self._close(lanes)
                 delivery.error, delivery.transient = str(exc), exc.transient
                 break
             delivery.associations += len(lanes)
-            done = False
+            done = keep = False
             try:
+                batch = self._refuse(delivery, batch, lanes[0].negotiated, on_instance)
                 self._store_all(lanes, study, batch, delivery, on_instance, should_stop)
                 done = not (delivery.error or delivery.interrupted)
+                # an association that carried nothing is not worth keeping: a receiver that
+                # takes one association at a time would hold the next drop's until it expires
+                keep = done and bool(batch)
             finally:
-                if done and all(lane.alive for lane in lanes):
+                if keep and all(lane.alive for lane in lanes):
                     self._idle.park(key, lanes)  # type: ignore[arg-type]
                 else:
                     self._close(lanes)
@@ -134,6 +148,20 @@ class DicomSender:
                 break
         delivery.seconds = time.monotonic() - started
         return delivery
+
+    def _refuse(self, delivery: Delivery, batch: list[Instance], negotiated: Negotiated,
+                on_instance: OnInstance | None) -> list[Instance]:
+        """Fail, for good, the instances the receiver's answer leaves no context for (their SOP
+        class or transfer syntax refused); the others, to send."""
+        sendable = []
+        for instance in batch:
+            choice = choose(instance, negotiated)
+            if isinstance(choice, Refusal):
+                self._report(delivery, instance, InstanceOutcome(False, None, choice.reason),
+                             on_instance)
+            else:
+                sendable.append(instance)
+        return sendable
 
     def _close(self, lanes: list[Any]) -> None:
         """Release in the background: every C-STORE was answered, and pynetdicom's A-RELEASE
@@ -239,7 +267,7 @@ class _Lane:
     def __init__(self, sender: DicomSender, assoc: Association) -> None:
         self.sender = sender
         self.assoc = assoc
-        self.accepted = accepted_contexts(assoc)
+        self.negotiated = Negotiated.of(assoc, sender.where)
         self.wire = Wire(assoc, sender.destination.dimse_timeout)
 
     @property
@@ -253,14 +281,10 @@ class _Lane:
         self.wire.failure = self.wire.failure or reason
 
     def store(self, study: RoutedStudy, instance: Instance) -> InstanceOutcome:
-        where = self.sender.where
-        context = context_for(context_key(instance), self.accepted,
-                               instance.transfer_syntax)
-        if context is None:
-            return InstanceOutcome(False, None, (
-                f"{where} does not accept SOP class {sop_class_name(instance.sop_class_uid)} in "
-                f"{sop_class_name(instance.transfer_syntax)}: not sent"))
-        context_id, syntax = context
+        choice = choose(instance, self.negotiated)
+        if not isinstance(choice, Choice):  # refused before sending, unless this lane's
+            return InstanceOutcome(False, None, choice.reason)  # receiver answered otherwise
+        context_id, syntax = choice.context_id, choice.syntax
         try:
             with instance.open() as fp:
                 size = os.fstat(fp.fileno()).st_size
@@ -299,6 +323,8 @@ class _Lane:
                                        transient=True)
             return InstanceOutcome(False, None, f"C-STORE of {instance.rel} failed: {exc}",
                                    transient=True)
+        except EncodingProblem as exc:
+            return InstanceOutcome(False, None, f"cannot send {instance.rel}: {exc}")
         except (OSError, InvalidDicomError, ValueError, EOFError, AttributeError) as exc:
             return InstanceOutcome(False, None, f"cannot read {instance.rel}: {exc}")
         return _outcome(status)
@@ -328,6 +354,14 @@ def _outcome(status: StoreStatus) -> InstanceOutcome:
 def _describe_status(status: StoreStatus) -> str:
     text = f"0x{status.code:04X} ({code_to_category(status.code)})"
     return f"{text}: {status.comment}" if status.comment else text
+
+
+def _nothing_accepted(assoc: Association) -> bool:
+    """The receiver accepted the association but none of its contexts (pynetdicom aborted it
+    then), as opposed to a receiver that aborted or rejected it."""
+    primitive = getattr(assoc.acceptor, "primitive", None)
+    return isinstance(primitive, A_ASSOCIATE) and primitive.result == 0x00 \
+        and not assoc.accepted_contexts
 
 
 def _rejected_permanently(assoc: Association) -> bool:
