@@ -115,8 +115,9 @@ def wait_for_report(inbox: Path, name: str, timeout: float = 60,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for outcome in ("done", "failed"):
-            for path in sorted((inbox / outcome).glob(f"*/{name}.report.json")):
-                return outcome, json.loads(path.read_text()), path
+            for path in report_files(inbox / outcome):
+                if path.name == f"{name}.report.json":
+                    return outcome, json.loads(path.read_text()), path
         time.sleep(0.1)
     log = daemon.text()[-4000:] if daemon else ""
     raise AssertionError(f"no report for {name} within {timeout} s\n{log}")
@@ -133,4 +134,22 @@ def work_area_left(inbox: Path, timeout: float = 30) -> list[Path]:
 
 
 def reports(inbox: Path) -> list[Path]:
-    return sorted(inbox.glob("done/*/*.report.json")) + sorted(inbox.glob("failed/*/*.report.json"))
+    return report_files(inbox / "done") + report_files(inbox / "failed")
+
+
+def report_files(folder: Path) -> list[Path]:
+    """The reports in done/ or failed/: in each day folder and in the routing folders kept
+    below it (done/<day>/StudyV/v1.report.json); a drop's own folder is not walked."""
+    found: list[Path] = []
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return found
+    names = {entry.name for entry in entries}
+    for entry in entries:
+        if entry.name.endswith(".report.json"):
+            found.append(entry)
+        elif entry.is_dir() and not entry.is_symlink() and \
+                f"{entry.name}.report.json" not in names:
+            found += report_files(entry)
+    return found

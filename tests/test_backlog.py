@@ -51,23 +51,32 @@ def two_folder_inbox(tmp_path: Path) -> InboxConfig:
 
 
 def test_same_named_drops_finishing_at_once_each_get_their_own_target(tmp_path):
+    """Three drops MR1 finish at once: one from each routing folder, and a second MR1 from
+    to-a (copied in again after the first was claimed). Each keeps its routing folder under
+    done/<day>/; the two from to-a get two names."""
     inbox = two_folder_inbox(tmp_path)
     before = {f: checksums(inbox.path / f / "MR1") for f in ("to-a", "to-b")}
     drops = [claim(DropRef(inbox, inbox.path / f, "MR1")) for f in ("to-a", "to-b")]
+    write_session(inbox.path / "to-a" / "MR1", series=(SeriesSpec("T1", 1),))
+    before["again"] = checksums(inbox.path / "to-a" / "MR1")
+    drops.append(claim(DropRef(inbox, inbox.path / "to-a", "MR1")))
     targets: dict[str, Path] = {}
     start = threading.Barrier(len(drops))
 
-    def finish_one(drop):  # what two lanes do at the same moment
+    def finish_one(key, drop):  # what three lanes do at the same moment
         start.wait()
         target = plan_target(drop, True, datetime(2026, 1, 2))
-        targets[drop.origin.name] = finish(drop, target, {"outcome": "done"}, ["line"])
+        targets[key] = finish(drop, target, {"outcome": "done"}, ["line"])
 
-    threads = [threading.Thread(target=finish_one, args=(d,)) for d in drops]
+    threads = [threading.Thread(target=finish_one, args=(key, d))
+               for key, d in zip(("to-a", "to-b", "again"), drops, strict=True)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(p.name for p in targets.values()) == ["MR1", "MR1-1"]
+    day = inbox.done / "2026-01-02"
+    assert sorted(str(p.relative_to(day)) for p in targets.values()) == [
+        "to-a/MR1", "to-a/MR1-1", "to-b/MR1"]
     for folder, target in targets.items():
         assert checksums(target) == before[folder]  # moved, not removed
         assert target.with_name(target.name + ".report.json").is_file()
@@ -83,7 +92,8 @@ def test_a_finish_recorded_before_a_restart_keeps_its_target(tmp_path):
     finish_step._planned.clear()  # a new process remembers nothing
     [resumed] = claimed_drops(inbox)
     reserve_recorded(resumed)  # what the daemon does at start-up, before any lane runs
-    second = claim(DropRef(inbox, inbox.path / "to-b", "MR1"))
+    write_session(inbox.path / "to-a" / "MR1", series=(SeriesSpec("T1", 1),))  # copied again
+    second = claim(DropRef(inbox, inbox.path / "to-a", "MR1"))
     other = plan_target(second, True, datetime(2026, 1, 2))
     assert other != target
     finish(second, other, {"outcome": "done"}, [])
@@ -143,7 +153,10 @@ def test_a_backlog_in_two_routing_folders_is_delivered_to_both_destinations(tmp_
             time.sleep(0.1)
         finished = reports(inbox)
         assert len(finished) == 2 * len(names)
-        assert all(path.parent.parent.name == "done" for path in finished)
+        # done/<day>/<routing folder>/<drop>: the same names stay apart, under their folder
+        assert sorted((p.parents[2].name, p.parent.name, p.name) for p in finished) == sorted(
+            ("done", folder, f"{name}.report.json") for folder in ("to-a", "to-b")
+            for name in names)
         kept = [checksums(p.with_name(p.name.removesuffix(".report.json"))) for p in finished]
         assert sorted(sorted(k.items()) for k in kept) == \
             sorted(sorted(s.items()) for s in sums.values())  # every original, moved

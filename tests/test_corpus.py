@@ -13,7 +13,13 @@ from pydicom import dcmread
 
 from tests.conftest import checksums
 from tests.corpus import MAX_ENTRIES, ROUTES, SPLIT_STUDY, Case, cases
-from tests.daemon_runner import DaemonProcess, dicom_destination, write_config
+from tests.daemon_runner import (
+    DaemonProcess,
+    dicom_destination,
+    report_files,
+    reports,
+    write_config,
+)
 from tests.peers import StoreSCP
 
 pytestmark = pytest.mark.corpus
@@ -49,8 +55,9 @@ def place(case: Case, staging: Path, inbox: Path) -> Path:
 
 def find_report(inbox: Path, name: str) -> tuple[str, dict, Path] | None:
     for outcome in ("done", "failed"):
-        for path in (inbox / outcome).glob(f"*/{name}.report.json"):
-            return outcome, json.loads(path.read_text()), path.with_name(name)
+        for path in report_files(inbox / outcome):  # done/<day>/[<routing folder>/]<name>
+            if path.name == f"{name}.report.json":
+                return outcome, json.loads(path.read_text()), path.with_name(name)
     return None
 
 
@@ -158,8 +165,8 @@ def check_receiver(corpus: list[Case], results: dict, received: list, scratch: P
 
 def check_every_file_in_one_place(inbox: Path, before: dict[str, dict[str, str]]) -> None:
     """As many regular files as went in, each case's in exactly its one final place."""
+    ours = {beside for report in reports(inbox) for beside in
+            (report, report.with_name(report.name.removesuffix(".report.json") + ".log"))}
     found = [p for p in inbox.rglob("*") if p.is_file() and not p.is_symlink()
-             and ".xnat-inbox" not in p.parts and p.name != "route.yaml"
-             and not (p.parent.parent.name in ("done", "failed")
-                      and p.name.endswith((".report.json", ".log")))]
+             and ".xnat-inbox" not in p.parts and p.name != "route.yaml" and p not in ours]
     assert len(found) == sum(len(files) for files in before.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -22,8 +23,25 @@ examples:
   xnat-inbox retry /srv/inbox/scanner/failed/2026-11-25/MR_0042   put a failed drop back
   xnat-inbox demo                                  a local receiver, an inbox, a real drop
 
+--config and --log-format go before or after the command. The site config is the one named
+by --config, else by $XNAT_INBOX_CONFIG, else /etc/xnat-inbox/config.yaml.
+
 exit codes: 0 success, 1 a check or delivery failed, 2 unusable config or arguments
 """
+#: names the site config when --config does not
+CONFIG_ENV = "XNAT_INBOX_CONFIG"
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    """--config and --log-format, accepted before the command and after it (SUPPRESS: one
+    not given after the command leaves the one given before it standing)."""
+    parser.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
+                        help=f"site config file (default: ${CONFIG_ENV} if set, else "
+                        f"{DEFAULT_CONFIG_PATH})")
+    parser.add_argument("--log-format", choices=("console", "json", "journal"),
+                        default=argparse.SUPPRESS,
+                        help="console lines for a terminal, JSON lines for files, or fields to "
+                        "the systemd journal (the default when run by systemd)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,37 +52,41 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"xnat-inbox {__version__}")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
-                        help=f"site config file (default {DEFAULT_CONFIG_PATH})")
-    parser.add_argument("--log-format", choices=("console", "json", "journal"),
-                        help="console lines for a terminal, JSON lines for files, or fields to "
-                        "the systemd journal (the default when run by systemd)")
+    _common_options(parser)
+    common = argparse.ArgumentParser(add_help=False)
+    _common_options(common)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("run", help="watch the inboxes and deliver drops until stopped")
-    commands.add_parser("check", help="validate the config and every route.yaml; "
-                        "C-ECHO each DICOM destination, log in to each XNAT one")
-    explain = commands.add_parser("explain", help="show how a folder would be grouped, labelled, "
+    commands.add_parser("run", parents=[common],
+                        help="watch the inboxes and deliver drops until stopped")
+    commands.add_parser("check", parents=[common], help="validate the config and every "
+                        "route.yaml; C-ECHO each DICOM destination, log in to each XNAT one")
+    explain = commands.add_parser("explain", parents=[common],
+                                  help="show how a folder or archive would be grouped, labelled, "
                                   "filtered and where it would go; sends nothing")
-    explain.add_argument("path", type=Path, help="a drop folder, in an inbox or anywhere")
+    explain.add_argument("path", type=Path,
+                         help="a drop folder or archive (.zip, .tar, .tar.gz, .tgz), in an "
+                         "inbox, or anywhere with --inbox")
     explain.add_argument("--inbox", type=Path, metavar="FOLDER",
                          help="evaluate PATH as if copied into FOLDER (an inbox or a routing "
                          "folder in one); default: where PATH is")
     explain.add_argument("--show-phi", action="store_true",
                          help="show labels derived from patient data instead of [PHI]")
-    status = commands.add_parser("status", help="whether the daemon runs; drops settling, "
-                                 "waiting, sending (with progress), done and failed today; "
-                                 "destinations' health (exit 1: the daemon isn't running)")
+    status = commands.add_parser("status", parents=[common], help="whether the daemon runs; "
+                                 "drops settling, waiting, sending (with progress), done and "
+                                 "failed today; destinations' health (exit 1: the daemon isn't "
+                                 "running)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    retry = commands.add_parser("retry", help="put drops from failed/ back in line; studies "
-                                "their report shows as delivered are skipped")
+    retry = commands.add_parser("retry", parents=[common], help="put drops from failed/ back in "
+                                "line; studies their report shows as delivered are skipped")
     retry.add_argument("paths", type=Path, nargs="+", metavar="PATH",
-                       help="a drop folder in failed/YYYY-MM-DD/")
+                       help="a drop (folder or archive) in failed/YYYY-MM-DD/, or in the "
+                       "routing folder kept below it (failed/YYYY-MM-DD/StudyV/v1)")
     retry.add_argument("--all", action="store_true", help="send delivered studies again too")
     lookup = commands.add_parser(
-        "lookup", help="PHI-BEARING: map de-identified UIDs/PatientIDs to the originals (and "
-        "back) from the state database; for authorised staff only", description="PHI-BEARING "
-        "COMMAND: prints original patient identifiers and UIDs. Run it only when authorised "
-        "to re-identify; its output is not masked.")
+        "lookup", parents=[common], help="PHI-BEARING: map de-identified UIDs/PatientIDs to the "
+        "originals (and back) from the state database; for authorised staff only",
+        description="PHI-BEARING COMMAND: prints original patient identifiers and UIDs. Run it "
+        "only when authorised to re-identify; its output is not masked.")
     lookup.add_argument("values", nargs="+", metavar="VALUE",
                         help="a UID or PatientID, original or de-identified")
     demo = commands.add_parser("demo", help="generate a synthetic MR session and deliver it to an "
@@ -74,18 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_path(args: argparse.Namespace) -> tuple[Path, str]:
+    """The site config to read, and where its name came from: the command line over the
+    environment over the default."""
+    if getattr(args, "config", None) is not None:
+        return args.config, "named by --config"
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV]), f"named by ${CONFIG_ENV}"
+    return DEFAULT_CONFIG_PATH, f"the default; --config FILE or ${CONFIG_ENV} names another"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
 
         return run_demo(args.dir)
+    path, named_by = config_path(args)
     try:
-        config = load_config(args.config)
+        config = load_config(path)
     except ConfigError as exc:
-        print(f"xnat-inbox: the site config is unusable:\n{exc}", file=sys.stderr)
+        print(f"xnat-inbox: the site config is unusable ({named_by}):\n{exc}", file=sys.stderr)
         return 2
-    configure(args.log_format or default_format(), config.log_phi)
+    configure(getattr(args, "log_format", None) or default_format(), config.log_phi)
     if args.command == "run":
         return run(config)
     if args.command == "lookup":
@@ -102,13 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         lines, ok = check(config)
         print("\n".join(lines))
         return 0 if ok else 1
-    from .explain import explain
+    from .explain import ExplainError, explain
 
-    if not args.path.is_dir():
-        print(f"xnat-inbox explain: {args.path} is not a folder", file=sys.stderr)
+    try:
+        for line in explain(config, args.path, args.show_phi, args.inbox):
+            print(line)
+    except ExplainError as exc:
+        print(f"xnat-inbox explain: {exc}", file=sys.stderr)
         return 2
-    for line in explain(config, args.path, args.show_phi, args.inbox):
-        print(line)
     return 0
 
 

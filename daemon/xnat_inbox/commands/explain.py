@@ -3,6 +3,7 @@ without sending anything (check only C-ECHOes, or logs in to XNAT and lists its 
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -10,9 +11,11 @@ from pathlib import Path
 from ..allow import breaches
 from ..config import ROUTE_FILE, ConfigError, InboxConfig, SiteConfig, XnatDestination, load_route
 from ..intake.claim import ClaimedDrop
-from ..intake.watch import routing_folders
+from ..intake.watch import ARCHIVE_SUFFIXES, is_archive_name, routing_folders
 from ..logs import get_logger, phi_pattern, redact
-from ..reading.scan import Instance, Kind, scan_drop
+from ..reading.scan import Instance, Kind, ScanResult, scan_drop
+from ..reading.scan_workers import NoWorker, ReadJob, ScanWorkers, WorkerLost
+from ..reading.unpack import UNPACKED, UnpackError
 from ..routing import deidentify
 from ..routing.route import RoutedStudy, RouteError, filter_reason, resolve_route, route_study
 from ..senders.base import SendError
@@ -29,9 +32,14 @@ def inbox_for(config: SiteConfig, path: Path) -> InboxConfig | None:
     return None
 
 
+class ExplainError(Exception):
+    """The path can't be explained (outside every inbox, not a drop); the message says why."""
+
+
 def explain(config: SiteConfig, path: Path, show_phi: bool = False,
             as_if_in: Path | None = None) -> Iterator[str]:
-    """Describe `path` as a drop of the inbox holding it, or as if dropped into `as_if_in`."""
+    """Describe `path` (a folder or an archive) as a drop of the inbox holding it, or as if
+    dropped into `as_if_in`. ExplainError, before the first line, when it can't."""
     path = path.resolve()
     if as_if_in is not None:
         inbox = inbox_for(config, as_if_in)
@@ -39,13 +47,50 @@ def explain(config: SiteConfig, path: Path, show_phi: bool = False,
     else:
         inbox, origin = inbox_for(config, path), path.parent
     if inbox is None:
-        yield (f"{as_if_in or path} is not in a configured inbox; name one with --inbox, "
-               f"e.g. --inbox {config.inboxes[0].path}")
-        return
+        raise ExplainError(f"{as_if_in or path} is not in a configured inbox; name one with "
+                           f"--inbox, e.g. --inbox {config.inboxes[0].path}")
     drop = ClaimedDrop("explain", inbox, origin, path.name, False, datetime.now().astimezone())
-    scan = scan_drop(path, inbox.ready_marker)
+    if path.is_dir():
+        yield from _describe(config, drop, path, scan_drop(path, inbox.ready_marker), show_phi)
+        return
+    if not (path.is_file() and is_archive_name(path.name)):
+        raise ExplainError(f"{path} is not a folder or an archive "
+                           f"({', '.join(ARCHIVE_SUFFIXES)}); explain takes a drop")
+    # unpacked as the daemon unpacks it: in a worker under the same limits, into a folder of
+    # our own (removed when the lines are done), never beside the archive
+    with tempfile.TemporaryDirectory(prefix="xnat-inbox-explain-") as tmp:
+        job = ReadJob(Path(tmp) / UNPACKED, path, inbox.archives, inbox.ready_marker)
+        workers = ScanWorkers(min(config.scan_processes, 1), config.scan_memory_limit)
+        try:
+            scan: ScanResult | str = workers.read(job, config.scan_timeout)
+        except UnpackError as exc:
+            scan = f"refused: {exc}"
+        except WorkerLost as exc:
+            scan = (f"reading it cost a scan worker: {exc}; the daemon sets such a drop aside "
+                    "after a few")
+        except (NoWorker, OSError) as exc:  # not the archive's doing, e.g. a full /tmp
+            raise ExplainError(f"cannot unpack {path} in {tmp}: {exc}") from None
+        finally:
+            workers.close()
+        if isinstance(scan, str):
+            yield f"Drop {path}  ({{folder}}={drop.name}, {{parent}}={drop.origin.name})"
+            yield f"Archive: {scan}"
+            yield "The drop would go to failed/ with this reason."
+            return
+        limits = inbox.archives
+        yield from _describe(config, drop, path, scan, show_phi,
+                             f"Archive: unpacked within {inbox.config_key}.archives (max_bytes "
+                             f"{limits.max_bytes}, max_entries {limits.max_entries}, max_ratio "
+                             f"{limits.max_ratio:g})")
+
+
+def _describe(config: SiteConfig, drop: ClaimedDrop, path: Path, scan: ScanResult,
+              show_phi: bool, archive: str | None = None) -> Iterator[str]:
+    inbox = drop.inbox
     phi = None if show_phi else phi_pattern(scan.phi)
     yield f"Drop {path}  ({{folder}}={drop.name}, {{parent}}={drop.origin.name})"
+    if archive:
+        yield archive
     kinds = ", ".join(f"{kind} {count}" for kind, count in scan.counts().items())
     yield f"Files: {len(scan.files)} ({kinds or 'none'})"
     for entry in scan.files:
@@ -123,10 +168,14 @@ def check(config: SiteConfig) -> tuple[list[str], bool]:
         if "allow" not in inbox.model_fields_set:
             lines.append(f"note {inbox.config_key} has no allow: a route.yaml there may send to "
                          "any destination and project (overwrite up to append)")
+        broken = set()
         for route_file in route_files(inbox):
             problems = _route_file_problems(route_file, names, inbox)
             lines += [f"FAIL {problem}" for problem in problems] or [f"ok   {route_file}"]
             ok = ok and not problems
+            if problems:
+                broken.add(route_file.parent)
+        lines += _route_gaps(inbox, names, broken)
     for name, destination in config.destinations.items():
         try:
             lines.append(f"ok   destination {name}: {make_sender(name, destination).check()}")
@@ -134,6 +183,36 @@ def check(config: SiteConfig) -> tuple[list[str], bool]:
             lines.append(f"FAIL destination {name}: {exc}")
             ok = False
     return lines, ok
+
+
+def _route_gaps(inbox: InboxConfig, names: set[str], broken: set[Path]) -> list[str]:
+    """Where drops would fail for want of a route (no route.yaml, or one missing a destination
+    or a label), each routing folder merged as the daemon merges it; folders below a route file
+    that already failed are left out (its FAIL says why)."""
+    usable, gaps = 0, []
+    for folder in routing_folders(inbox):
+        if any(folder == b or b in folder.parents for b in broken):
+            continue
+        drop = ClaimedDrop("check", inbox, folder, "drop", False, datetime.now().astimezone())
+        try:
+            resolve_route(drop, names)
+            usable += 1
+        except RouteError as exc:
+            gaps.append((folder, str(exc)))
+    if not usable and gaps:
+        head = f"warn inbox {inbox.path}: no route applies, every drop copied into it would fail"
+        if len(gaps) == 1 and gaps[0][0] == inbox.path:
+            return [f"{head}: {gaps[0][1]}"]
+        return [f"{head}:", *(f"warn   {folder}: {reason}" for folder, reason in gaps)]
+    lines = []
+    for folder, reason in gaps:
+        if folder == inbox.path and inbox.route is None and \
+                not (folder / ROUTE_FILE).exists():  # routes only in routing folders below
+            lines.append(f"note drops copied into {folder} itself (not into a routing folder) "
+                         "would fail: no route.yaml applies there")
+        else:
+            lines.append(f"warn drops copied into {folder} would fail: {reason}")
+    return lines
 
 
 def _route_file_problems(route_file: Path, names: set[str], inbox: InboxConfig) -> list[str]:

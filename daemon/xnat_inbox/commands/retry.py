@@ -10,7 +10,8 @@ from typing import Any
 
 from ..config import InboxConfig, SiteConfig
 from ..fsops import TrustedPath, exists, held, is_component, open_entry, rename_noreplace
-from ..outcome.finish import outcome_folder
+from ..intake.watch import ARCHIVE_SUFFIXES, is_archive_name
+from ..outcome.finish import BESIDE, outcome_folder
 from ..service.state import State
 
 
@@ -19,7 +20,8 @@ class RetryError(Exception):
 
 
 def requeue(config: SiteConfig, state: State, path: Path, resend_all: bool) -> str:
-    """Move a failed drop back to where it arrived; the running daemon picks it up.
+    """Move a failed drop (a folder or an archive) back to where it arrived; the running daemon
+    picks it up. Its report and log stay in failed/, renamed alike to `.retried`.
 
     Only what the daemon itself put in failed/ (its state database says so) is moved, and
     only back into the folder it came from inside its inbox. Studies its report shows as
@@ -31,24 +33,37 @@ def requeue(config: SiteConfig, state: State, path: Path, resend_all: bool) -> s
                          "has no such drop); retry takes only drops it moved there itself, e.g. "
                          f"{config.inboxes[0].failed}/YYYY-MM-DD/<drop>")
     inbox = next((i for i in config.inboxes if str(i.path) == record["inbox"]), None)
-    if inbox is None or path.parent.parent != inbox.failed:
+    if inbox is None or inbox.failed not in path.parents:
         raise RetryError(f"{path}: its inbox {record['inbox']} is no longer in the config")
+    where = path.parent.relative_to(inbox.failed).parts  # its day and routing folders
     origin = _inside(inbox, record["origin"])
     try:
-        with held(outcome_folder(inbox, False, path.parent.name)) as day, \
+        with held(outcome_folder(inbox, False, *where)) as day, \
                 held(TrustedPath(inbox.path, origin.parent.parts).open()) as folder:
             skip = [] if resend_all else _delivered(day, path.name)
             name = _free(folder, origin.name)
             state.request_retry(str(origin.with_name(name)), skip)
             rename_noreplace(day, path.name, folder, name)
-            with contextlib.suppress(FileNotFoundError):
-                report = f"{path.name}.report.json"
-                rename_noreplace(day, report, day, _free(day, f"{report}.retried"))
+            _set_aside_beside(day, path.name)
     except OSError as exc:
         raise RetryError(f"{path}: cannot put it back in {inbox.path / origin.parent}: {exc}"
                          ) from None
     skipped = f", skipping {len(skip)} delivered study(ies)" if skip else ""
     return f"{path} -> {inbox.path / origin.with_name(name)}{skipped}"
+
+
+def _set_aside_beside(day: int, name: str) -> None:
+    """The drop's report and log get the same `.retried` suffix (`.retried-retry1`, ... when
+    it was retried before), so the next attempt's pair takes their names and these stay
+    together."""
+    beside = [f"{name}{suffix}" for suffix in BESIDE.values() if exists(day, f"{name}{suffix}")]
+    suffix, n = ".retried", 0
+    while any(exists(day, f"{entry}{suffix}") for entry in beside):
+        n += 1
+        suffix = f".retried-retry{n}"
+    for entry in beside:
+        with contextlib.suppress(FileNotFoundError):
+            rename_noreplace(day, entry, day, f"{entry}{suffix}")
 
 
 def _inside(inbox: InboxConfig, origin: str) -> PurePosixPath:
@@ -71,9 +86,15 @@ def _delivered(day: int, name: str) -> list[str]:
 
 
 def _free(folder: int, name: str) -> str:
+    """`name`, or `name-retry1`, ... when taken; an archive keeps its suffix last
+    (`z1-retry1.zip`), so it is still taken for an archive."""
+    stem, suffix = name, ""
+    if is_archive_name(name):
+        suffix = next(s for s in ARCHIVE_SUFFIXES if name.lower().endswith(s))
+        stem, suffix = name[:-len(suffix)], name[-len(suffix):]
     candidate, n = name, 0
     while exists(folder, candidate):
         n += 1
-        candidate = f"{name}-retry{n}"
+        candidate = f"{stem}-retry{n}{suffix}"
     return candidate
 

@@ -28,10 +28,13 @@ from ..config import InboxConfig
 from ..fsops import (
     OWN_DIR_MODE,
     UnsafePath,
+    check_own_folder,
     exists,
     fsync_dir,
     held,
     is_component,
+    open_entry,
+    own_folder,
     own_folders,
     rename_noreplace,
 )
@@ -56,26 +59,69 @@ class FinishError(Exception):
     """The drop could not be moved on; it stays in the work area and is resumed later."""
 
 
-def outcome_folder(inbox: InboxConfig, ok: bool, day: str | None = None) -> int:
-    """A descriptor of done/ or failed/ (and its day folder), made if missing; UnsafePath if
-    someone else made or replaced one of them."""
+def outcome_folder(inbox: InboxConfig, ok: bool, *parts: str) -> int:
+    """A descriptor of done/ or failed/ (or of the folders `parts` below it: a day, and the
+    routing folders a drop came from), each made if missing; UnsafePath if someone else made
+    or replaced one of them."""
     folder = inbox.done if ok else inbox.failed
-    names = [folder.name, *([day] if day else [])]
-    return own_folders(folder.parent, names, (OWN_DIR_MODE, OWN_DIR_MODE), evict=True)
+    names = [folder.name, *parts]
+    return own_folders(folder.parent, names, (OWN_DIR_MODE,) * len(names), evict=True)
+
+
+def outcome_of(inbox: InboxConfig, target: Path) -> bool | None:
+    """Whether `target` lies in the inbox's done/ (True) or failed/ (False), or neither."""
+    tops = [(top, ok) for top, ok in ((inbox.done, True), (inbox.failed, False))
+            if top in target.parents]
+    return max(tops, key=lambda pair: len(pair[0].parts))[1] if tops else None
 
 
 def plan_target(drop: ClaimedDrop, ok: bool, when: datetime) -> Path:
-    """Where the originals will go: done/ or failed/YYYY-MM-DD/<name>, a free name."""
+    """Where the originals will go: done/ or failed/YYYY-MM-DD/<routing folders>/<name>, a
+    free name. The routing folders the drop came from (below the inbox) are kept, so that
+    drops of one name from two routing folders stay apart and say where they came from."""
     day = f"{when:%Y-%m-%d}"
     folder = (drop.inbox.done if ok else drop.inbox.failed) / day
     try:
-        with held(outcome_folder(drop.inbox, ok, day)) as fd, _planned_lock:
-            target = folder / free_name(fd, folder, drop.name)
-            _planned.add(target)
+        with _planned_lock:
+            fd = outcome_folder(drop.inbox, ok, day)
+            with contextlib.ExitStack() as stack:
+                for part in drop.origin.relative_to(drop.inbox.path).parts:
+                    stack.callback(os.close, fd)
+                    name = _routing_name(fd, folder, part)
+                    fd = own_folder(fd, name, folder / name)
+                    folder = folder / name
+                stack.callback(os.close, fd)
+                target = folder / free_name(fd, folder, drop.name)
+                _planned.add(target)
     except OSError as exc:
         raise FinishError(f"cannot use {folder}: {_why(exc)}; the drop stays in the work area "
                           "and is resumed at the next start") from None
     return target
+
+
+def _routing_name(folder_fd: int, folder: Path, name: str) -> str:
+    """The name for a routing folder in a folder of done/ or failed/: `name`, unless a drop
+    (its originals, report or log, or one planned) or anything not our own folder holds it;
+    then `name-1`, `name-2`, ... (called with _planned_lock held)."""
+    candidate, n = name, 0
+    while not _routing_folder_usable(folder_fd, folder, candidate):
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
+def _routing_folder_usable(folder_fd: int, folder: Path, name: str) -> bool:
+    if folder / name in _planned or any(exists(folder_fd, f"{name}{suffix}")
+                                        for suffix in BESIDE.values()):
+        return False
+    if not exists(folder_fd, name):
+        return True
+    try:
+        with held(open_entry(folder_fd, name, folder / name, directory=True)) as fd:
+            check_own_folder(fd, folder / name)
+    except OSError:  # a drop's originals (a file, or a folder its sender owns)
+        return False
+    return True
 
 
 def free_name(folder_fd: int, folder: Path, name: str) -> str:
@@ -123,8 +169,7 @@ def complete_finish(drop: ClaimedDrop) -> Path:
     target = _recorded_target(drop)
     try:
         with held(drop.in_area().open()) as area, \
-                held(outcome_folder(drop.inbox, _is_done(drop, target),
-                                    target.parent.name)) as day:
+                held(_target_folder(drop, target)) as day:
             if exists(area, drop.name):
                 target = _move_originals(drop, area, day, target)
             for name, suffix in BESIDE.items():
@@ -199,15 +244,22 @@ def _recorded_target(drop: ClaimedDrop) -> Path:
     """The recorded target, believed only inside this inbox's done/ or failed/."""
     with held(drop.in_area(FINISH_FILE).open()) as fd:
         target = Path(json.loads(os.read(fd, 1 << 16).decode("utf-8"))["target"])
-    if not is_component(target.name) or not is_component(target.parent.name) or \
-            target.parent.parent not in (drop.inbox.done, drop.inbox.failed):
+    ok = outcome_of(drop.inbox, target)
+    parts = () if ok is None else target.relative_to(
+        drop.inbox.done if ok else drop.inbox.failed).parts
+    if len(parts) < 2 or not all(is_component(part) for part in parts):
         raise FinishError(f"{drop.area / FINISH_FILE}: its target {target} is not in this "
                           "inbox's done/ or failed/; left for a person")
     return target
 
 
-def _is_done(drop: ClaimedDrop, target: Path) -> bool:
-    return target.parent.parent == drop.inbox.done
+def _target_folder(drop: ClaimedDrop, target: Path) -> int:
+    """A descriptor of the recorded target's folder (its day and routing folders), each of
+    them the daemon's own."""
+    ok = outcome_of(drop.inbox, target)
+    assert ok is not None  # _recorded_target checked it
+    top = drop.inbox.done if ok else drop.inbox.failed
+    return outcome_folder(drop.inbox, ok, *target.parent.relative_to(top).parts)
 
 
 def _copied_to(area: int) -> str | None:

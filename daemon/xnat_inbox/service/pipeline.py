@@ -25,10 +25,17 @@ from ..intake.claim import ClaimedDrop
 from ..intake.watch import is_archive_name
 from ..libwarnings import replay
 from ..logs import DropName, drop_log, get_logger, phi_pattern, plain_line
-from ..outcome.finish import FinishError, complete_finish, finish, finish_pending, plan_target
+from ..outcome.finish import (
+    FinishError,
+    complete_finish,
+    finish,
+    finish_pending,
+    outcome_of,
+    plan_target,
+)
 from ..outcome.report import DropReport, StudyResult
 from ..outcome.verify import verify_delivery
-from ..reading.scan import Instance, Kind, ScanResult
+from ..reading.scan import FileEntry, Instance, Kind, ScanResult
 from ..reading.scan_workers import NoWorker, ReadCancelled, ReadJob, ScanWorkers, WorkerLost
 from ..reading.scanned import holding
 from ..reading.unpack import UNPACKED, UnpackError
@@ -116,7 +123,7 @@ class Pipeline:
                 target = complete_finish(drop)
             except FinishError as exc:
                 raise TransientFailure(str(exc)) from None
-            outcome = "done" if target.parent.parent == drop.inbox.done else "failed"
+            outcome = "done" if outcome_of(drop.inbox, target) else "failed"
             self.state.drop_stage(drop.id, "finished", outcome=outcome, target=str(target))
             named = self.named(drop)  # a restart: its headers were not read again
             with named.scope():
@@ -264,7 +271,9 @@ class Pipeline:
             report.reasons.append(f"{len(bad)} file(s) are not usable DICOM ({names}) and the "
                                   "route sets ignore_unparsable: false; remove them or allow it")
         if not scan.studies and not report.reasons:
-            report.reasons.append("no DICOM files in this drop")
+            broken = scan.of_kind(Kind.UNREADABLE)  # e.g. DICOM without a StudyInstanceUID
+            report.reasons.append(f"no DICOM study to send: {_unusable(broken)}" if broken
+                                  else "no DICOM files in this drop")
         if report.reasons:
             log.error("drop refused", stage="route", reasons=report.reasons)
             return
@@ -289,9 +298,7 @@ class Pipeline:
             raise TransientFailure("; ".join(reason for r in retry for reason in r.reasons))
         if broken := scan.of_kind(Kind.UNREADABLE):
             # readable studies were sent; the drop still fails so a person sees the rest
-            names = ", ".join(f"{entry.rel} ({entry.reason})" for entry in broken[:5])
-            report.reasons.append(f"{len(broken)} file(s) look like DICOM but can't be used: "
-                                  f"{names}; fix or remove them, then `xnat-inbox retry`")
+            report.reasons.append(_unusable(broken))
 
     def _send(self, drop: ClaimedDrop, result: StudyResult, log: BoundLogger,
               give_up: str | None, count: DropCount) -> None:
@@ -361,3 +368,10 @@ class Pipeline:
             close = getattr(sender, "close", None)
             if close:
                 close()
+
+
+def _unusable(broken: list[FileEntry]) -> str:
+    """The files that look like DICOM but can't be sent, each with why (the first five)."""
+    names = ", ".join(f"{entry.rel} ({entry.reason})" for entry in broken[:5])
+    return (f"{len(broken)} file(s) look like DICOM but can't be used: {names}; fix or remove "
+            "them, then `xnat-inbox retry`")

@@ -4,6 +4,7 @@ loop, which stop (and ask systemd to step in) when a worker makes no progress.""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from datetime import date, datetime
@@ -18,6 +19,8 @@ from .notify import Notifier
 SEPARATOR = " · "
 #: recount today's reports this often even when no drop finished (the date may change)
 RECOUNT_SECONDS = 60.0
+#: routing folders kept below a day folder of done/ or failed/ that are counted in
+MAX_ROUTING_DEPTH = 16
 
 
 def finished_today(folders: set[tuple[Path, Path]], today: date) -> tuple[int, int]:
@@ -29,11 +32,24 @@ def finished_today(folders: set[tuple[Path, Path]], today: date) -> tuple[int, i
     return done, failed
 
 
-def _reports(folder: Path) -> int:
+def _reports(folder: Path, depth: int = 0) -> int:
+    """Reports in a day folder and in the routing folders kept below it (a folder beside
+    which a report or log lies is a drop's originals, never walked; nor, should one be
+    caught between its move and its report's, anything past MAX_ROUTING_DEPTH)."""
     try:
-        return sum(1 for _ in folder.glob("*.report.json"))
+        with os.scandir(folder) as scan:
+            entries = list(scan)
     except OSError:
         return 0
+    names = {entry.name for entry in entries}
+    count = 0
+    for entry in entries:
+        if entry.name.endswith(".report.json"):
+            count += 1
+        elif entry.is_dir(follow_symlinks=False) and depth < MAX_ROUTING_DEPTH and \
+                f"{entry.name}.report.json" not in names and f"{entry.name}.log" not in names:
+            count += _reports(Path(entry.path), depth + 1)
+    return count
 
 
 def inboxes(count: int, polling: int) -> str:
