@@ -1,0 +1,174 @@
+"""Routing folders that appear while the daemon runs (issue 16, blocker 1): a folder copied in
+with its own route.yaml, or a route.yaml added to a folder already in the inbox. Its drops are
+found at once, inotify and polling alike, and the routing folder itself is never a drop."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon_runner import dicom_destination, write_config
+from xnat_inbox.commands.synthetic import Patient, SeriesSpec, write_session
+from xnat_inbox.config import InboxConfig
+from xnat_inbox.intake.claim import ClaimError, claim
+from xnat_inbox.intake.settle import SettleTracker
+from xnat_inbox.intake.watch import DropRef
+
+pytestmark = pytest.mark.e2e
+
+ROUTE = "destination: scp\nproject: P\nsubject: '{PatientID}'\nsession: '{folder}'\n" \
+        "clean_labels: true\n"
+SERIES = (SeriesSpec("T1", 2),)
+DEADLINE_S = 30.0  # after settle: a deadline for the daemon, not a measurement
+MODES = [pytest.param(False, id="inotify"), pytest.param(True, id="polling")]
+
+
+def site(tmp_path: Path, scp: Any, polling: bool, settle: float = 0.5) -> tuple[Path, Path]:
+    """An inbox with no route of its own: only a routing folder's route.yaml can send."""
+    inbox = tmp_path / "inbox"
+    config = write_config(tmp_path, {"scp": dicom_destination(scp)},
+                          [{"path": str(inbox), "poll": polling, "poll_interval": 0.2}],
+                          settle_seconds=settle)
+    return config, inbox
+
+
+def copy_like_cp(source: Path, into: Path, route_last: bool) -> None:
+    """What `cp -r source into/` does (strace of coreutils 9.1): make the folder, then copy
+    each entry in turn, a sub-folder made and filled before the next entry, a file created
+    (O_EXCL) and written. Its order is the source's directory order; here route.yaml comes
+    last (as cp did with route.yaml and v1/) or first."""
+    target = into / source.name
+    target.mkdir()
+    entries = sorted(source.iterdir(),
+                     key=lambda p: ((p.name == "route.yaml") == route_last, p.name))
+    for entry in entries:
+        if entry.is_dir():
+            copy_like_cp(entry, target, route_last)
+        else:
+            with open(target / entry.name, "xb") as out:
+                out.write(entry.read_bytes())
+
+
+def wait_for_done(inbox: Path, names: list[str], daemon: Any, settle: float) -> dict[str, Any]:
+    """The report of each drop in `names` once all are in done/ (wherever below it)."""
+    deadline = time.monotonic() + settle + DEADLINE_S
+    found: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        for name in names:
+            for path in inbox.glob(f"done/**/{name}.report.json"):
+                found[name] = json.loads(path.read_text())
+        if len(found) == len(names):
+            return found
+        time.sleep(0.1)
+    failed = [str(p.relative_to(inbox)) for p in inbox.glob("failed/**/*.report.json")]
+    left = sorted(str(p.relative_to(inbox)) for p in inbox.rglob("*")
+                  if ".xnat-inbox" not in p.parts)
+    raise AssertionError(f"delivered {sorted(found)} of {names} within settle + {DEADLINE_S} s;"
+                         f" failed: {failed}; inbox: {left}\n{daemon.text()[-3000:]}")
+
+
+def assert_routing_folder_kept(inbox: Path, daemon: Any, drops: int) -> None:
+    """The routing folder stays with its route.yaml; it was never claimed as a drop: one claim
+    per drop inside it, and no report of its own."""
+    assert (inbox / "StudyV" / "route.yaml").read_text() == ROUTE
+    assert sorted(inbox.glob("**/StudyV.report.json")) == []
+    assert sum(e.get("event") == "claimed" for e in daemon.events()) == drops
+
+
+@pytest.mark.parametrize("route_last", [pytest.param(True, id="route-last"),
+                                        pytest.param(False, id="route-first")])
+@pytest.mark.parametrize("polling", MODES)
+def test_a_folder_copied_in_with_its_route_yaml_is_delivered(
+        tmp_path, storescp, daemon, polling, route_last):
+    """StudyV/ with route.yaml, session v1/ and a nested routing folder Sub/ (its own
+    route.yaml and session v2/), copied in as `cp -r StudyV inbox/` does it."""
+    source = tmp_path / "src" / "StudyV"
+    one = write_session(source / "v1", series=SERIES, patient=Patient("SUBJ1", "P^One"))
+    two = write_session(source / "Sub" / "v2", series=SERIES, patient=Patient("SUBJ2", "P^Two"))
+    (source / "route.yaml").write_text(ROUTE)
+    (source / "Sub" / "route.yaml").write_text("project: PSub\n")
+    config, inbox = site(tmp_path, storescp, polling)
+    proc = daemon(config)
+
+    copy_like_cp(source, inbox, route_last)
+
+    done = wait_for_done(inbox, ["v1", "v2"], proc, settle=0.5)
+    assert done["v1"]["drop"]["origin"] == "StudyV/v1"
+    assert done["v2"]["drop"]["origin"] == "StudyV/Sub/v2"
+    assert done["v2"]["route"]["sources"][-1] == str(inbox / "StudyV" / "Sub" / "route.yaml")
+    assert len(storescp.files()) == len(one.files) + len(two.files)
+    assert_routing_folder_kept(inbox, proc, drops=2)
+
+
+@pytest.mark.parametrize("polling", MODES)
+def test_an_archive_in_a_folder_copied_in_with_its_route_yaml_is_delivered(
+        tmp_path, storescp, daemon, polling):
+    source = tmp_path / "src" / "StudyV"
+    session = write_session(tmp_path / "src" / "z1", series=SERIES)
+    source.mkdir()
+    shutil.make_archive(str(source / "z1"), "zip", tmp_path / "src" / "z1")
+    (source / "route.yaml").write_text(ROUTE)
+    config, inbox = site(tmp_path, storescp, polling)
+    proc = daemon(config)
+
+    copy_like_cp(source, inbox, route_last=True)
+
+    done = wait_for_done(inbox, ["z1.zip"], proc, settle=0.5)
+    assert done["z1.zip"]["drop"]["origin"] == "StudyV/z1.zip"
+    assert len(storescp.files()) == len(session.files)
+    assert_routing_folder_kept(inbox, proc, drops=1)
+
+
+@pytest.mark.parametrize("pause", [pytest.param(0.0, id="at-once"),
+                                   pytest.param(0.5, id="after-a-pause")])
+@pytest.mark.parametrize("polling", MODES)
+def test_a_route_yaml_added_to_a_folder_holding_sessions_makes_them_drops(
+        tmp_path, storescp, daemon, polling, pause):
+    """StudyV/ with v1/ and v2/ moved into the inbox in one rename; then its route.yaml, at
+    at once or after a pause (long enough for a poll), while StudyV/ is still settling as a
+    drop (settle 2 s)."""
+    staging = tmp_path / "StudyV"
+    one = write_session(staging / "v1", series=SERIES, patient=Patient("SUBJ1", "P^One"))
+    two = write_session(staging / "v2", series=SERIES, patient=Patient("SUBJ2", "P^Two"))
+    config, inbox = site(tmp_path, storescp, polling, settle=2.0)
+    proc = daemon(config)
+
+    staging.rename(inbox / "StudyV")
+    time.sleep(pause)
+    (inbox / "StudyV" / "route.yaml").write_text(ROUTE)
+
+    done = wait_for_done(inbox, ["v1", "v2"], proc, settle=2.0)
+    assert {done[name]["drop"]["origin"] for name in done} == {"StudyV/v1", "StudyV/v2"}
+    assert len(storescp.files()) == len(one.files) + len(two.files)
+    assert_routing_folder_kept(inbox, proc, drops=2)
+
+
+# --- the two fallbacks behind the watcher: settle and claim -------------------------------
+
+def test_claim_refuses_a_folder_whose_route_yaml_arrived_after_it_settled(tmp_path):
+    inbox = InboxConfig(path=tmp_path / "inbox")
+    write_session(inbox.path / "StudyV" / "v1", series=SERIES)
+    (inbox.path / "StudyV" / "route.yaml").write_text(ROUTE)
+    with pytest.raises(ClaimError, match=r"StudyV holds a route\.yaml"):
+        claim(DropRef(inbox, inbox.path, "StudyV"))
+    assert sorted(os.listdir(inbox.path / "StudyV")) == ["route.yaml", "v1"]
+    assert list(inbox.work.iterdir()) == []  # nothing claimed, no record left behind
+
+
+def test_settle_hands_a_drop_that_became_a_routing_folder_back(tmp_path):
+    inbox = InboxConfig(path=tmp_path / "inbox")
+    (inbox.path / "StudyV" / "v1").mkdir(parents=True)
+    became: list[DropRef] = []
+    tracker = SettleTracker(lambda _: 0.0, became_routing_folder=became.append)
+    ref = DropRef(inbox, inbox.path, "StudyV")
+    tracker.touch(ref, 0.0)
+    (inbox.path / "StudyV" / "route.yaml").write_text(ROUTE)
+    assert tracker.due(10.0) == []
+    assert became == [ref]
+    assert tracker.pending() == []
