@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from xnat_inbox.commands.synthetic import Patient, SeriesSpec, write_session
 from xnat_inbox.config import InboxConfig
 from xnat_inbox.intake.claim import ClaimError, claim
 from xnat_inbox.intake.settle import SettleTracker
-from xnat_inbox.intake.watch import DropRef
+from xnat_inbox.intake.watch import DropRef, InboxWatcher
 
 pytestmark = pytest.mark.e2e
 
@@ -38,18 +39,16 @@ def site(tmp_path: Path, scp: Any, polling: bool, settle: float = 0.5) -> tuple[
     return config, inbox
 
 
-def copy_like_cp(source: Path, into: Path, route_last: bool) -> None:
+def copy_like_cp(source: Path, into: Path) -> None:
     """What `cp -r source into/` does (strace of coreutils 9.1): make the folder, then copy
     each entry in turn, a sub-folder made and filled before the next entry, a file created
     (O_EXCL) and written. Its order is the source's directory order; here route.yaml comes
-    last (as cp did with route.yaml and v1/) or first."""
+    last, as cp copied route.yaml and v1/: the folder is a plain drop with data in it first."""
     target = into / source.name
     target.mkdir()
-    entries = sorted(source.iterdir(),
-                     key=lambda p: ((p.name == "route.yaml") == route_last, p.name))
-    for entry in entries:
+    for entry in sorted(source.iterdir(), key=lambda p: (p.name == "route.yaml", p.name)):
         if entry.is_dir():
-            copy_like_cp(entry, target, route_last)
+            copy_like_cp(entry, target)
         else:
             with open(target / entry.name, "xb") as out:
                 out.write(entry.read_bytes())
@@ -81,13 +80,13 @@ def assert_routing_folder_kept(inbox: Path, daemon: Any, drops: int) -> None:
     assert sum(e.get("event") == "claimed" for e in daemon.events()) == drops
 
 
-@pytest.mark.parametrize("route_last", [pytest.param(True, id="route-last"),
-                                        pytest.param(False, id="route-first")])
+@pytest.mark.parametrize("how", ["cp", "mv"])
 @pytest.mark.parametrize("polling", MODES)
 def test_a_folder_copied_in_with_its_route_yaml_is_delivered(
-        tmp_path, storescp, daemon, polling, route_last):
+        tmp_path, storescp, daemon, polling, how):
     """StudyV/ with route.yaml, session v1/ and a nested routing folder Sub/ (its own
-    route.yaml and session v2/), copied in as `cp -r StudyV inbox/` does it."""
+    route.yaml and session v2/), copied in as `cp -r StudyV inbox/` does it, or moved in whole
+    (one event)."""
     source = tmp_path / "src" / "StudyV"
     one = write_session(source / "v1", series=SERIES, patient=Patient("SUBJ1", "P^One"))
     two = write_session(source / "Sub" / "v2", series=SERIES, patient=Patient("SUBJ2", "P^Two"))
@@ -96,7 +95,10 @@ def test_a_folder_copied_in_with_its_route_yaml_is_delivered(
     config, inbox = site(tmp_path, storescp, polling)
     proc = daemon(config)
 
-    copy_like_cp(source, inbox, route_last)
+    if how == "mv":
+        source.rename(inbox / "StudyV")
+    else:
+        copy_like_cp(source, inbox)
 
     done = wait_for_done(inbox, ["v1", "v2"], proc, settle=0.5)
     assert done["v1"]["drop"]["origin"] == "StudyV/v1"
@@ -117,7 +119,7 @@ def test_an_archive_in_a_folder_copied_in_with_its_route_yaml_is_delivered(
     config, inbox = site(tmp_path, storescp, polling)
     proc = daemon(config)
 
-    copy_like_cp(source, inbox, route_last=True)
+    copy_like_cp(source, inbox)
 
     done = wait_for_done(inbox, ["z1.zip"], proc, settle=0.5)
     assert done["z1.zip"]["drop"]["origin"] == "StudyV/z1.zip"
@@ -172,3 +174,50 @@ def test_settle_hands_a_drop_that_became_a_routing_folder_back(tmp_path):
     assert tracker.due(10.0) == []
     assert became == [ref]
     assert tracker.pending() == []
+
+
+class Touches:
+    """The watcher's on_touch calls, to wait for one."""
+
+    def __init__(self) -> None:
+        self.seen: list[DropRef] = []
+        self.changed = threading.Condition()
+
+    def __call__(self, ref: DropRef, age: float) -> None:
+        with self.changed:
+            self.seen.append(ref)
+            self.changed.notify_all()
+
+    def wait_for(self, ref: DropRef, since: int) -> int:
+        """Wait until `ref` is touched after the first `since` touches; the count then."""
+        with self.changed:
+            found = self.changed.wait_for(lambda: ref in self.seen[since:], timeout=DEADLINE_S)
+            assert found, f"{ref} not touched; touched: {sorted(map(str, self.seen[since:]))}"
+            return len(self.seen)
+
+
+@pytest.mark.parametrize("polling", MODES)
+def test_a_drop_that_becomes_a_routing_folder_keeps_its_drops_watched(tmp_path, polling):
+    """StudyV/ first seen as a drop, then its route.yaml: v1/ inside is touched as a drop of
+    its own; later writes into v1/ and a new drop v3/ next to it are seen (with inotify, the
+    folder's recursive watch gives way to a flat one only once v1/ has its own)."""
+    inbox = InboxConfig(path=tmp_path / "inbox", poll=polling, poll_interval=0.2)
+    for folder in (inbox.path, inbox.work, inbox.done, inbox.failed):
+        folder.mkdir(parents=True, exist_ok=True)
+    touches = Touches()
+    watcher = InboxWatcher(inbox, touches)
+    watcher.start()
+    try:
+        study = inbox.path / "StudyV"
+        (study / "v1").mkdir(parents=True)
+        (study / "v1" / "a.dcm").write_bytes(b"a")
+        seen = touches.wait_for(DropRef(inbox, inbox.path, "StudyV"), 0)
+        (study / "route.yaml").write_text(ROUTE)
+        seen = touches.wait_for(DropRef(inbox, study, "v1"), seen)
+        (study / "v1" / "late.dcm").write_bytes(b"b")
+        seen = touches.wait_for(DropRef(inbox, study, "v1"), seen)
+        (study / "v3").mkdir()
+        (study / "v3" / "c.dcm").write_bytes(b"c")
+        touches.wait_for(DropRef(inbox, study, "v3"), seen)
+    finally:
+        watcher.stop()

@@ -210,6 +210,7 @@ class InboxWatcher(FileSystemEventHandler):
         self.reserved = {str(path) for path in inbox.reserved()}
         self.watches: dict[Path, ObservedWatch] = {}
         self.symlinks_noted: set[Path] = set()
+        self.routing: set[Path] = set()  # routing folders found so far (logged once each)
         self.lock = threading.Lock()
         self.observer: BaseObserver = (
             BaseObserver(partial(PruningPollingEmitter, skip=self._never_polled,  # type: ignore[arg-type]
@@ -220,6 +221,7 @@ class InboxWatcher(FileSystemEventHandler):
 
     def start(self) -> None:
         for folder in routing_folders(self.inbox):
+            self.routing.add(folder)
             self._note_symlinks(folder)
             if not self.polling:
                 self._watch(folder, recursive=False)
@@ -248,14 +250,43 @@ class InboxWatcher(FileSystemEventHandler):
         """`folder` is a routing folder now (it arrived with its route.yaml, or one arrived in
         it): watch it and every routing folder below it, then touch the drops already inside,
         which may have arrived before any watch could report them."""
+        if routing_folder_at(self.inbox, folder) != folder:
+            return  # not one any more, or below a folder that is none
+        replaced: list[tuple[Path, ObservedWatch]] = []
         for below in routing_folders(self.inbox, folder):  # each watched before it is listed
+            self._note_routing_folder(below)
             if not self.polling:
+                with self.lock:  # watched as a drop (recursively) until now: flat from now on
+                    old = self.watches.get(below)
+                    if old is not None and old.is_recursive:
+                        replaced.append((below, self.watches.pop(below)))
                 self._watch(below, recursive=False)
             self._note_symlinks(below)
-        for ref in existing_drops(self.inbox, folder):
+        drops = list(existing_drops(self.inbox, folder))
+        for ref in drops:
             if not self.polling:
                 self._watch_drop(ref)
+        for below, old in replaced:  # only now: it reported its drops' writes until they had
+            with self.lock:          # watches of their own
+                keep = below not in self.watches
+                if keep:  # its flat watch could not be made
+                    self.watches[below] = old
+            if not keep:
+                with contextlib.suppress(KeyError, OSError):
+                    self.observer.unschedule(old)
+        for ref in drops:
             self.on_touch(ref, 0.0)
+
+    def _note_routing_folder(self, folder: Path) -> None:
+        """Log a routing folder the first time it is found while the daemon runs."""
+        with self.lock:
+            if folder in self.routing:
+                return
+            self.routing.add(folder)
+        where = folder.relative_to(self.inbox.path)
+        with unchecked(*where.parts):  # folders may be named after the patient
+            log.info("routing folder found: its sub-folders, archives and loose files are drops",
+                     inbox=str(self.inbox.path), folder=str(where))
 
     def _note_symlinks(self, folder: Path) -> None:
         with contextlib.suppress(OSError):
