@@ -4,11 +4,15 @@ found at once, inotify and polling alike, and the routing folder itself is never
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +44,28 @@ def site(tmp_path: Path, scp: Any, polling: bool, settle: float = 0.5) -> tuple[
 
 
 def copy_like_cp(source: Path, into: Path) -> None:
-    """What `cp -r source into/` does (strace of coreutils 9.1): make the folder, then copy
-    each entry in turn, a sub-folder made and filled before the next entry, a file created
-    (O_EXCL) and written. Its order is the source's directory order; here route.yaml comes
-    last, as cp copied route.yaml and v1/: the folder is a plain drop with data in it first."""
-    target = into / source.name
-    target.mkdir()
-    for entry in sorted(source.iterdir(), key=lambda p: (p.name == "route.yaml", p.name)):
-        if entry.is_dir():
-            copy_like_cp(entry, target)
-        else:
-            with open(target / entry.name, "xb") as out:
-                out.write(entry.read_bytes())
+    """`cp -r source into/`, as the report did it: coreutils cp makes the folder, then copies
+    each entry in turn, a sub-folder made and filled before the next entry, in the source's
+    directory order (route.yaml came after v1/ in an strace of cp 9.1), all within a few
+    milliseconds: faster than the daemon reads the event of the folder's creation."""
+    subprocess.run(["cp", "-r", str(source), f"{into}/"], check=True, timeout=60)
+
+
+@contextlib.contextmanager
+def daemon_held_still(daemon: Any) -> Iterator[None]:
+    """The daemon stopped (SIGSTOP) while the block runs, so it reads the events of what the
+    block did only afterwards, as a busy daemon on a loaded machine does: the folder's
+    creation is read when its route.yaml is already there. (An idle daemon often reads it
+    before cp has written the route.yaml; both orders must work.)"""
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while Path(f"/proc/{daemon.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+            assert time.monotonic() < deadline, "the daemon did not stop on SIGSTOP"
+            time.sleep(0.01)
+        yield
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
 
 
 def wait_for_done(inbox: Path, names: list[str], daemon: Any, settle: float) -> dict[str, Any]:
@@ -80,13 +94,13 @@ def assert_routing_folder_kept(inbox: Path, daemon: Any, drops: int) -> None:
     assert sum(e.get("event") == "claimed" for e in daemon.events()) == drops
 
 
-@pytest.mark.parametrize("how", ["cp", "mv"])
+@pytest.mark.parametrize("how", ["cp", "cp-daemon-busy", "mv"])
 @pytest.mark.parametrize("polling", MODES)
 def test_a_folder_copied_in_with_its_route_yaml_is_delivered(
         tmp_path, storescp, daemon, polling, how):
     """StudyV/ with route.yaml, session v1/ and a nested routing folder Sub/ (its own
-    route.yaml and session v2/), copied in as `cp -r StudyV inbox/` does it, or moved in whole
-    (one event)."""
+    route.yaml and session v2/), copied in by `cp -r StudyV inbox/` (the daemon reading its
+    events as they come, or only after the copy), or moved in whole (one event)."""
     source = tmp_path / "src" / "StudyV"
     one = write_session(source / "v1", series=SERIES, patient=Patient("SUBJ1", "P^One"))
     two = write_session(source / "Sub" / "v2", series=SERIES, patient=Patient("SUBJ2", "P^Two"))
@@ -97,8 +111,11 @@ def test_a_folder_copied_in_with_its_route_yaml_is_delivered(
 
     if how == "mv":
         source.rename(inbox / "StudyV")
-    else:
+    elif how == "cp":
         copy_like_cp(source, inbox)
+    else:
+        with daemon_held_still(proc):
+            copy_like_cp(source, inbox)
 
     done = wait_for_done(inbox, ["v1", "v2"], proc, settle=0.5)
     assert done["v1"]["drop"]["origin"] == "StudyV/v1"
@@ -119,7 +136,8 @@ def test_an_archive_in_a_folder_copied_in_with_its_route_yaml_is_delivered(
     config, inbox = site(tmp_path, storescp, polling)
     proc = daemon(config)
 
-    copy_like_cp(source, inbox)
+    with daemon_held_still(proc):
+        copy_like_cp(source, inbox)
 
     done = wait_for_done(inbox, ["z1.zip"], proc, settle=0.5)
     assert done["z1.zip"]["drop"]["origin"] == "StudyV/z1.zip"
@@ -127,23 +145,27 @@ def test_an_archive_in_a_folder_copied_in_with_its_route_yaml_is_delivered(
     assert_routing_folder_kept(inbox, proc, drops=1)
 
 
-@pytest.mark.parametrize("pause", [pytest.param(0.0, id="at-once"),
-                                   pytest.param(0.5, id="after-a-pause")])
+@pytest.mark.parametrize("when", ["at-once-daemon-busy", "after-a-pause"])
 @pytest.mark.parametrize("polling", MODES)
 def test_a_route_yaml_added_to_a_folder_holding_sessions_makes_them_drops(
-        tmp_path, storescp, daemon, polling, pause):
-    """StudyV/ with v1/ and v2/ moved into the inbox in one rename; then its route.yaml, at
-    at once or after a pause (long enough for a poll), while StudyV/ is still settling as a
-    drop (settle 2 s)."""
+        tmp_path, storescp, daemon, polling, when):
+    """StudyV/ with v1/ and v2/ moved into the inbox in one rename; then its route.yaml: at
+    once, before the daemon read the rename, or after a pause (long enough for a poll) while
+    StudyV/ is settling as a drop (settle 2 s)."""
     staging = tmp_path / "StudyV"
     one = write_session(staging / "v1", series=SERIES, patient=Patient("SUBJ1", "P^One"))
     two = write_session(staging / "v2", series=SERIES, patient=Patient("SUBJ2", "P^Two"))
     config, inbox = site(tmp_path, storescp, polling, settle=2.0)
     proc = daemon(config)
 
-    staging.rename(inbox / "StudyV")
-    time.sleep(pause)
-    (inbox / "StudyV" / "route.yaml").write_text(ROUTE)
+    if when == "after-a-pause":
+        staging.rename(inbox / "StudyV")
+        time.sleep(0.5)
+        (inbox / "StudyV" / "route.yaml").write_text(ROUTE)
+    else:
+        with daemon_held_still(proc):
+            staging.rename(inbox / "StudyV")
+            (inbox / "StudyV" / "route.yaml").write_text(ROUTE)
 
     done = wait_for_done(inbox, ["v1", "v2"], proc, settle=2.0)
     assert {done[name]["drop"]["origin"] for name in done} == {"StudyV/v1", "StudyV/v2"}
