@@ -48,7 +48,7 @@ class ClaimError(Exception):
     """The drop could not be moved into the work area; it stays where it is."""
 
 
-class RoutingFolderError(ClaimError):
+class NotADrop(ClaimError):
     """The folder holds a route.yaml now: a routing folder, not a drop; its children are."""
 
 
@@ -135,7 +135,7 @@ def _claimable(folder_fd: int, ref: DropRef, own: Collection[Identity]) -> list[
         raise UnsafePath(0, "this is one of the daemon's own folders (done/, failed/ or "
                          ".xnat-inbox/), renamed: not a drop; rename it back", str(ref.path))
     if stat.S_ISDIR(info.st_mode) and _holds_route_file(folder_fd, ref):
-        raise RoutingFolderError(f"{ref} holds a {ROUTE_FILE}: a routing folder, not a drop")
+        raise NotADrop(f"{ref} holds a {ROUTE_FILE}: a routing folder, not a drop")
     return [ref.name]
 
 

@@ -246,7 +246,7 @@ class InboxWatcher(FileSystemEventHandler):
             with contextlib.suppress(KeyError, OSError):
                 self.observer.unschedule(watch)
 
-    def found_routing_folder(self, folder: Path) -> None:
+    def add_routing_folder(self, folder: Path) -> None:
         """`folder` is a routing folder now (it arrived with its route.yaml, or one arrived in
         it): watch it and every routing folder below it, then touch the drops already inside,
         which may have arrived before any watch could report them."""
@@ -373,10 +373,10 @@ class InboxWatcher(FileSystemEventHandler):
                 folder = routing_folder_at(self.inbox, path)
                 if folder is not None and (path.name == ROUTE_FILE or event.event_type in
                                            ("created", "moved")):
-                    self.found_routing_folder(folder)
+                    self.add_routing_folder(folder)
                 continue
             if not self.polling and self._watch_drop(ref) and is_routing_folder(ref.path):
                 # its route.yaml landed after the event was read, before the watch saw it
-                self.found_routing_folder(ref.path)
+                self.add_routing_folder(ref.path)
                 continue
             self.on_touch(ref, self._age(path))

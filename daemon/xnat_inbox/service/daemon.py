@@ -13,14 +13,7 @@ from pathlib import Path
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from ..config import InboxConfig, RetryPolicy, SiteConfig
-from ..intake.claim import (
-    ClaimedDrop,
-    ClaimError,
-    Identity,
-    RoutingFolderError,
-    claim,
-    claimed_drops,
-)
+from ..intake.claim import ClaimedDrop, ClaimError, Identity, NotADrop, claim, claimed_drops
 from ..intake.settle import SettleTracker, Snapshot, snapshot
 from ..intake.watch import DropRef, InboxWatcher, existing_drops
 from ..logs import DropName, get_logger, set_log_phi, unchecked
@@ -71,7 +64,7 @@ class Daemon:
         self.log = get_logger(step="service")
         self.state = State(config.state_dir)
         self.tracker = SettleTracker(lambda ref: self.config.settle_for(ref.inbox),
-                                     self.routing_folder_found)
+                                     lambda ref: self._watcher_of(ref).add_routing_folder(ref.path))
         self.scans = ScanWorkers(config.scan_processes, config.scan_memory_limit)
         self.pipeline = Pipeline(config, self.state, self._on_progress, self.stop,
                                  scans=self.scans, reading=self._on_reading)
@@ -238,18 +231,12 @@ class Daemon:
         self.tracker.touch(ref, now - age, seen, now)
         self.wake.set()  # an idle loop ticks at once, then every TICK_SECONDS while it settles
 
-    def routing_folder_found(self, ref: DropRef) -> None:
-        """A folder taken for a drop holds a route.yaml now: its watcher finds its drops."""
-        watcher = next((w for w in self.watchers if w.inbox.path == ref.inbox.path), None)
-        if watcher is not None:
-            watcher.found_routing_folder(ref.path)
-
     def tick(self, now: float) -> None:
         for ref in self.tracker.due(now):
             try:
                 drop = claim(ref, own=self.own)
-            except RoutingFolderError:  # its route.yaml arrived just now
-                self.routing_folder_found(ref)
+            except NotADrop:  # its route.yaml arrived just now: its watcher finds its drops
+                self._watcher_of(ref).add_routing_folder(ref.path)
                 continue
             except ClaimError as exc:
                 if ref not in self.claim_failures:  # once per drop, not every quiet period
