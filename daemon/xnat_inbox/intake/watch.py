@@ -75,13 +75,22 @@ def is_candidate(name: str) -> bool:
     return not name.startswith(".") and name != ROUTE_FILE
 
 
-def drop_for_path(inbox: InboxConfig, path: Path) -> DropRef | None:
-    """The drop a changed path belongs to, or None for our own folders and non-drops."""
+def _parts_below(inbox: InboxConfig, path: Path) -> tuple[str, ...]:
+    """`path`'s parts below the inbox; none for the inbox itself, paths outside it and the
+    daemon's own folders (done/, failed/, .xnat-inbox/)."""
     try:
         parts = path.relative_to(inbox.path).parts
     except ValueError:
-        return None
-    if not parts or any(path == r or r in path.parents for r in inbox.reserved()):
+        return ()
+    if any(path == r or r in path.parents for r in inbox.reserved()):
+        return ()
+    return parts
+
+
+def drop_for_path(inbox: InboxConfig, path: Path) -> DropRef | None:
+    """The drop a changed path belongs to, or None for our own folders and non-drops."""
+    parts = _parts_below(inbox, path)
+    if not parts:
         return None
     folder = inbox.path
     for index, part in enumerate(parts):
@@ -106,11 +115,8 @@ def routing_folder_at(inbox: InboxConfig, path: Path) -> Path | None:
     """The routing folder below the inbox that `path` is (or whose route.yaml it is), reached
     from the inbox through routing folders only; None for anything else."""
     folder = path.parent if path.name == ROUTE_FILE else path
-    try:
-        parts = folder.relative_to(inbox.path).parts
-    except ValueError:
-        return None
-    if not parts or any(folder == r or r in folder.parents for r in inbox.reserved()):
+    parts = _parts_below(inbox, folder)
+    if not parts:
         return None
     current = inbox.path
     for part in parts:
