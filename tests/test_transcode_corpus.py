@@ -57,6 +57,7 @@ def test_each_file_is_what_its_entry_says(transcode_corpus: Corpus, name: str) -
     assert ds.SOPClassUID == ds.file_meta.MediaStorageSOPClassUID == e.sop_class_uid
     assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID == e.sop_instance_uid
     assert ds.SeriesInstanceUID == e.series_instance_uid
+    assert transcode_corpus.by_sop_instance_uid[ds.SOPInstanceUID] is e
     assert ds.StudyInstanceUID == transcode_corpus.study_uid
     assert (ds.PatientID, str(ds.PatientName)) == ("CORPUS01", "")  # no PHI
     assert int(ds.get("NumberOfFrames", 1) or 1) == e.frames

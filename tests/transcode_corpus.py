@@ -74,7 +74,6 @@ class Source:
     eight_bit: bool = False  # JPEG baseline takes 8-bit samples only
     twelve_bit: bool = False  # JPEG extended: 8 or 12 bits (dcmtk would window 16 down)
     signed: bool = False  # dcmcjpls refuses near-lossless for signed pixels
-    color: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,6 +116,11 @@ class Corpus:
     @cached_property
     def by_name(self) -> dict[str, Entry]:
         return {entry.name: entry for entry in self.entries}
+
+    @cached_property
+    def by_sop_instance_uid(self) -> dict[str, Entry]:
+        """For matching what a receiver got to the entry it came from."""
+        return {entry.sop_instance_uid: entry for entry in self.entries}
 
     @property
     def lossless(self) -> list[Entry]:
@@ -255,9 +259,9 @@ def _multiframe_word(scratch: Path, study_uid: str, rng: np.random.Generator) ->
 SOURCES: tuple[Source, ...] = (
     Source("mr12", "MR, 16-bit unsigned, 12 stored", _mr, twelve_bit=True),
     Source("ct16s", "CT, 16-bit signed", _ct, signed=True),
-    Source("us-rgb", "US, 8-bit RGB", _us_rgb, eight_bit=True, color=True),
+    Source("us-rgb", "US, 8-bit RGB", _us_rgb, eight_bit=True),
     Source("sc-mono8", "Secondary Capture, 8-bit monochrome", _mono8, eight_bit=True),
-    Source("us-cine", "US multi-frame, 8 RGB frames", _us_cine, eight_bit=True, color=True),
+    Source("us-cine", "US multi-frame, 8 RGB frames", _us_cine, eight_bit=True),
     Source("sc-mf12", "Multi-frame grayscale word SC, 8 frames, 12 stored", _multiframe_word,
            twelve_bit=True),
 )
