@@ -17,7 +17,7 @@ from tests.peers import free_port
 from tests.receivers import self_signed
 from tests.test_e2e_cstore import copy_in
 from xnat_inbox.commands.synthetic import Patient, SeriesSpec, write_session
-from xnat_inbox.config import ConfigError, load_config
+from xnat_inbox.config import ConfigError, load_config, load_route
 
 pytestmark = pytest.mark.ops
 
@@ -68,6 +68,12 @@ def events(process: DaemonProcess, name: str) -> list[dict[str, Any]]:
     return [e for e in process.events() if e.get("event") == name]
 
 
+def no_notify_errors(process: DaemonProcess) -> None:
+    errors = [e for e in process.events() if e.get("step") == "notify" and
+              e.get("level") in ("error", "critical")]
+    assert not errors, errors
+
+
 def test_webhook_gets_one_json_per_failed_drop_without_phi(tmp_path, inprocess_scp, webhook,
                                                           daemon):
     headers = secret_file(tmp_path / "hook.headers",
@@ -104,6 +110,7 @@ def test_webhook_gets_one_json_per_failed_drop_without_phi(tmp_path, inprocess_s
     assert post.path == "/hooks/T0KEN-in-the-path"
     assert "hook-s3cret-value" not in process.text() and "T0KEN" not in process.text()
     assert len(webhook.received()) == 1
+    no_notify_errors(process)
 
 
 def test_drops_flow_while_the_webhook_is_down_and_its_notices_follow(tmp_path, inprocess_scp,
@@ -144,6 +151,8 @@ def test_drops_flow_while_the_webhook_is_down_and_its_notices_follow(tmp_path, i
     assert len(events(process, "notification target reachable again")) == 1
     assert len(events(process, "notification target failing; its notices wait and are "
                                "retried")) == 1
+    assert len(events(process, "notification sent")) == 2
+    no_notify_errors(process)
 
 
 def lab_site(tmp_path: Path, peer: Any, smtp_port: int,
@@ -200,6 +209,7 @@ def test_email_to_the_route_recipient_through_a_real_smtp_server(tmp_path, inpro
     assert "1. Proj / S01 / S01_20260115: 0 of 3 instance(s) stored" in failed.body
     assert admin_mails[0].body == failed.body
     assert len(server.received()) == 3
+    no_notify_errors(process)
 
 
 def test_a_route_cannot_mail_outside_the_inbox_allow_nor_name_unknown_targets(
@@ -326,3 +336,30 @@ def test_allow_notify_targets_must_name_site_targets(tmp_path):
         load_config(config)
     assert "inboxes[0].allow.notify_targets: unknown notify target(s) 'chat'; the site " \
         "config's notify: list names: admins" in str(caught.value)
+
+
+def test_a_bare_on_key_means_on(tmp_path):
+    """YAML 1.1 reads `on:` as the key true; written as the docs show it, it still means on."""
+    inbox = tmp_path / "inbox"
+    (inbox / "LabA").mkdir(parents=True)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"""\
+state_dir: {tmp_path / "state"}
+destinations:
+  scp: {{type: dicom, host: h, port: 104}}
+notify:
+  - name: lab-mail
+    email: {{from: xnat-inbox@uni.example.org, smtp_host: smtp.uni.example.org}}
+    on: []
+  - webhook: https://hooks.example.org/x
+    on: [failed, waiting]
+inboxes:
+  - path: {inbox}
+""")
+    loaded = load_config(config)
+    assert [target.on for target in loaded.notify] == [[], ["failed", "waiting"]]
+    route = inbox / "LabA" / "route.yaml"
+    route.write_text("notify:\n  - use: lab-mail\n    to: [lab@uni.example.org]\n"
+                     "    on: [done]\n")
+    (entry,) = load_route(route, {"scp"}).notify or []
+    assert entry.on == ["done"] and entry.to == ["lab@uni.example.org"]

@@ -52,6 +52,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _on_key(data: Any) -> Any:
+    """YAML 1.1 reads a bare `on:` key as true (as it reads `on` as a value): it means on."""
+    if isinstance(data, dict) and True in data and "on" not in data:
+        return {("on" if key is True else key): value for key, value in data.items()}
+    return data
+
+
 class NoticeRetry(_Strict):
     """How long a notice that can't be delivered is retried (backoff with jitter)."""
 
@@ -110,6 +117,8 @@ class NoticeTarget(_Strict):
     timeout: float = Field(30.0, gt=0, description="seconds for one try")
     retry: NoticeRetry = NoticeRetry()
 
+    _on = model_validator(mode="before")(classmethod(lambda cls, data: _on_key(data)))
+
     @model_validator(mode="after")
     def _one_kind(self) -> NoticeTarget:
         if (self.webhook is None) == (self.email is None):
@@ -149,6 +158,8 @@ class RouteNotice(_Strict):
     to: list[Address] | None = None  # email targets only: these recipients instead
     on: list[NoticeEvent] | None = None  # default: the target's own, or [failed]
     after: float | None = Field(None, gt=0, description="minutes")
+
+    _on = model_validator(mode="before")(classmethod(lambda cls, data: _on_key(data)))
 
 
 class MetricsConfig(_Strict):
@@ -218,8 +229,8 @@ def target_names(data: Any) -> set[str]:
 
 def notify_warnings(targets: list[NoticeTarget], metrics: MetricsConfig | None) -> list[str]:
     """What the config allows but should not stay so (for `check` and the journal)."""
-    found = [f"notify[{i}] ({t.label(i)}): {t.host} is a plain http:// webhook (allow_http: "
-             "true): notices cross the network unencrypted; use https://"
+    found = [f"notify[{i}]{f' ({t.name})' if t.name else ''}: {t.host} is a plain http:// "
+             "webhook (allow_http: true): notices cross the network unencrypted; use https://"
              for i, t in enumerate(targets) if t.webhook and t.webhook.startswith("http://")]
     if metrics and metrics.listen and not is_loopback(metrics.address()[0]):
         found.append(f"metrics.listen {metrics.listen} is reachable from the network: /metrics "

@@ -8,6 +8,7 @@ drop and target while the daemon runs. The notices go out on courier threads
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -75,14 +76,19 @@ class Notices:
         self.state = state
         self.dispatcher = Dispatcher(outcome)
         self.host = socket.gethostname()
+        # lanes finish drops while the main loop looks for waiting ones
+        self.lock = threading.Lock()
         self.told: dict[str, set[str]] = {}  # drop id -> targets told it waits
         self.routes: dict[str, tuple[list[RouteNotice], str | None]] = {}  # drop id -> route's
+        self.ended: set[str] = set()  # finished, not yet out of the daemon's drops
         self._next_check = 0.0
 
     def finished(self, drop: ClaimedDrop, target: Path, report: DropReport | None,
                  named: DropName) -> None:
-        self.told.pop(drop.id, None)
-        cached = self.routes.pop(drop.id, None)
+        with self.lock:
+            self.ended.add(drop.id)  # no `waiting` notice after it finished
+            self.told.pop(drop.id, None)
+            cached = self.routes.pop(drop.id, None)
         if not self.daemon.config.notify:
             return
         if report is not None:
@@ -102,12 +108,20 @@ class Notices:
             return
         self._next_check = now + WAITING_CHECK_SECONDS
         config = self.daemon.config
+        drops = dict(self.daemon.drops)
+        with self.lock:  # forget drops no longer held (finished, or given back at a stop)
+            self.ended &= set(drops)
+            for known in (self.told, self.routes):
+                for drop_id in set(known) - set(drops):
+                    known.pop(drop_id, None)
         if not any(target.name or "waiting" in target.on for target in config.notify):
             return
         active = set(self.daemon.last_activity)
-        for drop_id, drop in list(self.daemon.drops.items()):
+        for drop_id, drop in drops.items():
             if drop_id not in active:
-                self._check_waiting(drop, config)
+                with self.lock:
+                    if drop_id not in self.ended:
+                        self._check_waiting(drop, config)
 
     def _check_waiting(self, drop: ClaimedDrop, config: SiteConfig) -> None:
         waited = (time.time() - drop.claimed_at.timestamp()) / 60

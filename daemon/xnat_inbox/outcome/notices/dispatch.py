@@ -100,6 +100,8 @@ class Courier(threading.Thread):
             self._given_up(notice, exc)
             return
         self._counted(True)
+        log.info("notification sent", target=self.label, kind=self.target.kind,
+                 notice=notice.event, drop_id=notice.drop_id)
         if self.failing is not None:
             log.info("notification target reachable again", target=self.label,
                      host=self.target.host, waiting=len(self.queue) - 1)
@@ -139,12 +141,12 @@ class Courier(threading.Thread):
         reason = str(exc)
         if exc.transient:  # past give_up_after
             log.error("notification given up after retrying", target=self.label,
-                      drop_id=notice.drop_id, event=notice.event, error=reason,
+                      drop_id=notice.drop_id, notice=notice.event, error=reason,
                       hours=round(self.target.retry.give_up_after / 3600, 1))
         elif reason not in self.refused:
             self.refused.add(reason)
             log.error("notification refused; not retried (said once per reason)",
-                      target=self.label, drop_id=notice.drop_id, event=notice.event,
+                      target=self.label, drop_id=notice.drop_id, notice=notice.event,
                       error=reason)
 
     def _counted(self, delivered: bool) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -154,10 +155,18 @@ def email_text(facts: dict[str, Any]) -> tuple[str, str]:
         body.append(f"Files: {counts['files']}" + (f" ({kinds})" if kinds else ""))
     if facts["report"]:
         body.append(f"Report: {line(facts['report'])}")
-    body.append(f"Claimed: {facts['claimed_at']}" + (
-        f", finished {facts['finished_at']}" if facts.get("finished_at") else ""))
+    body.append(f"Claimed: {_when(facts['claimed_at'])}" + (
+        f", finished {_when(facts['finished_at'])}" if facts.get("finished_at") else ""))
     body.append(f"Host: {line(facts['host'])} ({facts['sent_by']})")
     if facts["event"] == "failed":
         body += ["", "Once the cause is fixed, `xnat-inbox retry` the drop (see the report)."]
     return subject, "\n".join(body) + "\n"
 
+
+
+def _when(text: str) -> str:
+    """A time to the second, for people: 2026-12-08T07:00:01+01:00."""
+    try:
+        return datetime.fromisoformat(text).isoformat(timespec="seconds")
+    except (TypeError, ValueError):
+        return str(text)
