@@ -278,7 +278,7 @@ def test_waiting_notice_once_a_drop_waited_for_its_destination(tmp_path, webhook
     config = write_config(tmp_path, {"scp": down},
                           [{"path": str(inbox), "route": {"destination": "scp", **ROUTE}}],
                           notify=[{"webhook": webhook.url, "allow_http": True,
-                                   "on": ["waiting"], "after": 0.02}])  # 1.2 s
+                                   "on": ["waiting"], "after": 0.01}])  # 0.6 s
     daemon(config)
 
     drop(tmp_path, inbox, REFUSED_DROP, REFUSED)
@@ -287,7 +287,7 @@ def test_waiting_notice_once_a_drop_waited_for_its_destination(tmp_path, webhook
     facts = first.json()
     assert facts["event"] == facts["outcome"] == "waiting"
     assert facts["drop"] == "[PHI]_[PHI]" and facts["destination"] == "scp"
-    assert facts["waited_minutes"] >= 0.02 and facts["report"] is None
+    assert facts["waited_minutes"] >= 0.01 and facts["report"] is None
     assert facts["reasons"][0].startswith("scp is down since ")
     assert "refused" in facts["reasons"][0]
     # a second drop waits too: told once as well, and the first is not told again meanwhile
