@@ -4,6 +4,7 @@ PHI in what it sends, and keeps delivering drops while a receiver is down."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from tests.receivers import self_signed
 from tests.test_e2e_cstore import copy_in
 from xnat_inbox.commands.synthetic import Patient, SeriesSpec, write_session
 from xnat_inbox.config import ConfigError, load_config, load_route
+from xnat_inbox.logs import phi_pattern
+from xnat_inbox.outcome.notices.message import Notice, email_text, payload
 
 pytestmark = pytest.mark.ops
 
@@ -363,3 +366,32 @@ inboxes:
                      "    on: [done]\n")
     (entry,) = load_route(route, {"scp"}).notify or []
     assert entry.on == ["done"] and entry.to == ["lab@uni.example.org"]
+
+
+def test_what_a_notice_shows_of_a_drop_with_and_without_include_phi(tmp_path):
+    """The rule, without a daemon: PHI masked unless include_phi, labels as they are, a drop
+    not read yet named by its id alone."""
+    report = tmp_path / "Roe_Richard.report.json"
+    report.write_text(json.dumps({
+        "outcome": "failed", "reasons": ["study 1: Roe_Richard refused"],
+        "route": {"destination": "scp"}, "timings": {"finished_at": "2026-12-08T07:00:00"},
+        "studies": [{"labels": {"project": "P", "subject": "MRN4711", "session": "E"},
+                     "destination": "scp", "delivered": False, "instances_to_send": 3,
+                     "stored": 0}],
+        "files": {"total": 3, "by_kind": {"dicom": 3}}}))
+    read = Notice(event="failed", drop_id="d1", inbox="/in", shown="LabA/Roe_Richard",
+                  name="Roe_Richard", read=True, phi=phi_pattern(["Roe^Richard", "MRN4711"]),
+                  host="h", claimed_at="2026-12-08T06:59:00", report=report)
+    masked = payload(read, include_phi=False)
+    assert masked["drop"] == "LabA/[PHI]" and masked["reasons"] == ["study 1: [PHI] refused"]
+    assert masked["report"] == str(tmp_path / "[PHI].report.json")
+    assert masked["studies"][0]["labels"]["subject"] == "MRN4711"  # a label, as it is
+    shown = payload(read, include_phi=True)
+    assert shown["drop"] == "LabA/Roe_Richard" and shown["report"] == str(report)
+    unread = dataclasses.replace(read, read=False, phi=None, report=None, facts={},
+                                 event="waiting", reasons=("queued behind Roe_Richard",))
+    hidden = payload(unread, include_phi=False)
+    assert hidden["drop"] is None and hidden["drop_id"] == "d1"
+    assert hidden["reasons"] == ["queued behind [PHI]"]
+    subject, body = email_text(hidden)
+    assert subject == "xnat-inbox: drop d1 waiting" and "Roe" not in body

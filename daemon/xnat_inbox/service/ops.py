@@ -48,7 +48,8 @@ class Ops:
         self.notices = Notices(daemon, state, self._notified)
         self.health = Health(lambda: bool(daemon.supervisor.hung))
         # metrics: is read at start (a reload doesn't move the port or the file)
-        settings = daemon.config.metrics
+        self.daemon = daemon
+        self.settings = settings = daemon.config.metrics
         self.metrics = Metrics(daemon, state, settings, self.health, self.notices.pending) \
             if settings else None
 
@@ -61,14 +62,21 @@ class Ops:
     def tick(self, now: float) -> None:
         """From the main loop, every tick."""
         self.health.tick(now)
+        if self.daemon.config.metrics != self.settings:  # a reload changed them: say so once
+            self.settings = self.daemon.config.metrics
+            log.warning("metrics: changed by the reload, but they take effect only at a "
+                        "restart (systemctl restart xnat-inbox)")
         try:
             self.notices.tick(now)
         except Exception:
             log.exception("internal error looking for waiting drops to notify")
 
     def sent(self, destination: str, delivery: Delivery) -> None:
-        if self.metrics:
-            self.metrics.sent(destination, delivery)
+        try:
+            if self.metrics:
+                self.metrics.sent(destination, delivery)
+        except Exception:  # a count must not fail a send
+            log.exception("internal error counting a send", destination=destination)
 
     def finished(self, drop: ClaimedDrop, target: Path, report: DropReport | None,
                  named: DropName) -> None:

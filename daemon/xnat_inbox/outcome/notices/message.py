@@ -130,7 +130,9 @@ def email_text(facts: dict[str, Any]) -> tuple[str, str]:
     destination = facts.get("destination")
     if facts["event"] == "waiting":
         subject = f"xnat-inbox: {line(drop)} waiting"
-        opening = (f"The drop {where} has waited {facts['waited_minutes']:.0f} minutes"
+        minutes = facts.get("waited_minutes")
+        waited = f"has waited {minutes:.0f} minutes" if minutes is not None else "waits"
+        opening = (f"The drop {where} {waited}"
                    + (f" to be sent to {line(destination)}." if destination else "."))
     else:
         delivered = facts["outcome"] == "done"
