@@ -149,6 +149,12 @@ class Notices:
     def _why(self, drop: ClaimedDrop, destination: str | None) -> list[str]:
         """Why a drop waits: its destination's health, its last attempt's reason."""
         reasons = []
+        # a daemon that can pause destinations says which, and why (service/pause.py)
+        paused = getattr(self.daemon, "paused", None)
+        hold = paused().get(destination) if callable(paused) and destination else None
+        if hold is not None:
+            describe = getattr(hold, "describe", None)
+            reasons.append(f"{destination} is {describe() if callable(describe) else 'paused'}")
         health = self.state.health().get(destination or "")
         if health and health.get("up") is False:
             since = datetime.fromtimestamp(health["since"]).astimezone()
