@@ -135,7 +135,7 @@ class Notices:
             return
         notice = self._notice("waiting", drop, named, destination=destination,
                               reasons=tuple(self._why(drop, destination)),
-                              waited_minutes=round(waited, 1))
+                              waited_minutes=round(waited, 2))
         self._send(notice, due)
         told.update(_key(r) for r in due)
 
