@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.installed-daemon
 TEST_STAMP := $(VENV)/.installed-test
 SYSTEMD_STAMP := $(VENV)/.installed-systemd
 DIST_STAMP := $(VENV)/.installed-dist
+# what `make dist` needs installed first; tests/test_deb.py sets it empty (its venv has them)
+DIST_TOOLS ?= $(DIST_STAMP)
 # where `make dist` and `make deb` write; the version is pyproject.toml's, read from there
 DIST   ?= dist
 VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
@@ -67,7 +69,7 @@ $(DIST_STAMP): pyproject.toml | $(BIN)/python
 	touch $(DIST_STAMP)
 
 ## the wheel and the sdist, checked: $(DIST)/xnat_inbox-$(VERSION)-py3-none-any.whl, .tar.gz
-dist: $(DIST_STAMP)
+dist: $(DIST_TOOLS)
 	rm -f $(DIST)/xnat_inbox-$(VERSION)-*.whl $(DIST)/xnat_inbox-$(VERSION).tar.gz
 	$(BIN)/python -m build --outdir $(DIST) .
 	$(BIN)/twine check --strict $(DIST)/xnat_inbox-$(VERSION)-*.whl $(DIST)/xnat_inbox-$(VERSION).tar.gz

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -112,7 +112,7 @@ def move_to_prefix(venv: Path, root: Path) -> None:
     # by the venv's own Python (its magic number); checked-hash: valid whatever mtimes the
     # .deb gives the sources. The unit can't write .pyc (ProtectSystem=strict): without them
     # each start would compile everything again
-    run(venv / "bin/python", "-m", "compileall", "-q", "-s", root, "-p", "/",
+    run(venv / "bin/python", "-m", "compileall", "-q", "-j", "0", "-s", root, "-p", "/",
         "--invalidation-mode", "checked-hash", venv / "lib", stdout=subprocess.DEVNULL)
     left = [str(p) for p in root.rglob("*") if p.is_file() and not p.is_symlink()
             and staged in p.read_bytes()]
@@ -148,7 +148,7 @@ def add_files(root: Path, venv: Path, version: str, maintainer: str) -> None:
         install(page, doc / "docs" / page.name)
     for route in sorted((examples / "etc/routes").glob("*.yaml")):
         install(route, doc / "examples/routes" / route.name)
-    year = datetime.now(timezone.utc).year
+    year = datetime.now(UTC).year
     (doc / "copyright").write_text(
         "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n"
         f"Upstream-Name: {NAME}\n\nFiles: *\nCopyright: {year} the xnat-inbox authors\n"
@@ -158,7 +158,7 @@ def add_files(root: Path, venv: Path, version: str, maintainer: str) -> None:
         "License: BSD-3-Clause\n" + "\n".join(
             f" {line}" if line else " ." for line in
             (SOURCE / "LICENSE").read_text().splitlines()[2:]) + "\n")
-    stamp = datetime.now(timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
+    stamp = datetime.now(UTC).strftime("%a, %d %b %Y %H:%M:%S +0000")
     gzip_to(f"{NAME} ({version}) unstable; urgency=medium\n\n  * Built by 'make deb' from "
             f"xnat-inbox {version}.\n\n -- {maintainer}  {stamp}\n".encode(),
             doc / "changelog.gz")
@@ -239,7 +239,8 @@ def main() -> int:
         normalise(root)
         depends = [python_package, *shlib_depends(root), *SYSTEMD_DEPENDS]
         write_control(root, version, arch, depends, args.maintainer)
-        run("dpkg-deb", "--root-owner-group", "-Zxz", "--build", root, target,
+        # xz -1: 15 MB in 2 s; the default -6 saves 2.4 MB in 20 s
+        run("dpkg-deb", "--root-owner-group", "-Zxz", "-z1", "--build", root, target,
             stdout=subprocess.DEVNULL)
     print(target)
     return 0
