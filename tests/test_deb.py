@@ -211,7 +211,7 @@ def test_package_holds_the_venv_unit_account_conffiles_docs_and_depends_on_runti
                  "/usr/share/doc/xnat-inbox/docs/operations.md",
                  "/usr/share/man/man1/xnat-inbox.1.gz"):
         assert entries[path][0].startswith("-"), path
-    assert entries["/etc/xnat-inbox/config.yaml"][0] == "-rw-r-----"
+    assert entries["/etc/xnat-inbox/config.yaml"][0] == "-rw-r--r--"  # 0640 by postinst
     assert entries["/usr/bin/xnat-inbox"][2] == "/opt/xnat-inbox/bin/xnat-inbox"
     assert entries[f"/opt/xnat-inbox/bin/{python}"][2] == f"/usr/bin/{python}"
     assert any(re.search(r"/site-packages/systemd/_daemon\..*\.so$", p) for p in entries)
