@@ -37,6 +37,7 @@ import yaml
 
 from tests.daemon_runner import REPO, DaemonProcess, dicom_destination, wait_for_report
 from tests.systemd_support import QUIET
+from xnat_inbox.commands.cli import main
 from xnat_inbox.commands.synthetic import SeriesSpec, write_session
 
 pytestmark = pytest.mark.systemd
@@ -121,6 +122,22 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
 
 
 # --- the wheel and the sdist ----------------------------------------------------------------
+
+def test_example_commands_print_the_shipped_files(capsys):
+    """From this checkout: the package data are the links to etc/xnat-inbox/ and systemd/."""
+    def cli(*args: str) -> str:
+        assert main(list(args)) == 0
+        return capsys.readouterr().out
+    for name in ("config.yaml", "route.yaml", "routes/study-by-folder.yaml"):
+        assert cli("example-config", name) == (REPO / "etc/xnat-inbox" / name).read_text()
+    assert cli("example-config") == (REPO / "etc/xnat-inbox/config.yaml").read_text()
+    for kind in ("sysusers", "tmpfiles"):
+        assert cli("example-unit", kind) == (REPO / f"systemd/xnat-inbox.{kind}").read_text()
+    unit = (REPO / "systemd/xnat-inbox.service").read_text()
+    program = Path(sys.executable).parent / "xnat-inbox"  # this venv's, as pip installed it
+    assert cli("example-unit") == unit.replace("/opt/xnat-inbox/bin/xnat-inbox", str(program))
+
+
 
 def test_wheel_and_sdist_are_clean_and_carry_the_examples(packages, tmp_path):
     built = packages["old"]
