@@ -62,6 +62,7 @@ bench: $(TEST_STAMP) system-deps
 	$(BIN)/python bench/rest.py
 	$(BIN)/python bench/watch.py
 	$(BIN)/python bench/backlog.py
+	$(BIN)/python bench/transcode.py
 
 ## python -m build and twine (the [dist] extra)
 $(DIST_STAMP): pyproject.toml | $(BIN)/python
