@@ -78,7 +78,7 @@ dist: $(DIST_TOOLS)
 ## $(DIST)/xnat-inbox_$(VERSION)_<arch>.deb from that wheel, with Debian's python3 and dpkg-deb
 ## (DEB_MAINTAINER='Name <mail>' in the environment names the package's maintainer)
 deb: dist | system-deps
-	/usr/bin/python3 packaging/deb/build.py --out $(DIST) \
+	/usr/bin/python3 daemon/packaging/deb/build.py --out $(DIST) \
 	  --wheel $(DIST)/xnat_inbox-$(VERSION)-py3-none-any.whl
 
 lint: $(TEST_STAMP)

@@ -113,15 +113,14 @@ def test_wheel_and_sdist_are_clean_and_carry_the_examples(packages, tmp_path):
             assert wheel.read(f"xnat_inbox/examples/{packaged}") == (REPO / original).read_bytes()
         metadata = wheel.read(f"xnat_inbox-{VERSION}.dist-info/METADATA").decode()
         wheel.extractall(tmp_path / "wheel")
-    assert f"xnat_inbox-{VERSION}.dist-info/licenses/LICENSE" in names
+    assert f"xnat_inbox-{VERSION}.dist-info/licenses/docs/LICENSE" in names
     assert re.search(rf"^Version: {re.escape(VERSION)}$", metadata, re.M)
     assert not [n for n in names if "__pycache__" in n or n.startswith(("tests/", "daemon/"))]
 
     with tarfile.open(built.sdist) as sdist:
         members = {m.name.split("/", 1)[1] for m in sdist.getmembers() if "/" in m.name}
-    for needed in ("LICENSE", "Makefile", "docs/operations.md", "tests/conftest.py",
-                   "tests/fake_xnat/__init__.py", "etc/xnat-inbox/config.yaml",
-                   "systemd/xnat-inbox.service", "packaging/deb/build.py",
+    for needed in ("docs/LICENSE", "README.md", "pyproject.toml",
+                   "daemon/xnat_inbox/examples/etc/config.yaml",
                    "daemon/xnat_inbox/examples/systemd/xnat-inbox.service"):
         assert needed in members, needed
     assert not [m for m in members if "__pycache__" in m or m.endswith(".pyc")]

@@ -2,7 +2,7 @@
 """Build xnat-inbox_<version>_<arch>.deb from the wheel, with Debian's own tools (what
 `make deb` runs; docs/operations.md, "The Debian package", says why it is built this way).
 
-    packaging/deb/build.py --wheel dist/xnat_inbox-0.1.0-py3-none-any.whl --out dist
+    daemon/packaging/deb/build.py --wheel dist/xnat_inbox-0.1.0-py3-none-any.whl --out dist
 
 The package holds a virtual environment at /opt/xnat-inbox made by Debian's python3 at build
 time: the wheel with its dependencies (systemd-python built against libsystemd-dev), every
@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCE = HERE.parents[1]  # the checkout (or unpacked sdist): README.md, docs/
+SOURCE = HERE.parents[2]  # the checkout: README.md, docs/
 NAME = "xnat-inbox"
 PREFIX = Path("/opt/xnat-inbox")  # the venv; the unit's ExecStart= runs its bin/xnat-inbox
 CONFFILES = ("/etc/xnat-inbox/config.yaml", "/etc/xnat-inbox/route.yaml")
@@ -159,7 +159,7 @@ def add_files(root: Path, venv: Path, version: str, maintainer: str) -> None:
         "license in\n its *.dist-info/ folder under /opt/xnat-inbox/lib/.\n\n"
         "License: BSD-3-Clause\n" + "\n".join(
             f" {line}" if line else " ." for line in
-            (SOURCE / "LICENSE").read_text().splitlines()[2:]) + "\n")
+            (SOURCE / "docs" / "LICENSE").read_text().splitlines()[2:]) + "\n")
     stamp = datetime.now(UTC).strftime("%a, %d %b %Y %H:%M:%S +0000")
     gzip_to(f"{NAME} ({version}) unstable; urgency=medium\n\n  * Built by 'make deb' from "
             f"xnat-inbox {version}.\n\n -- {maintainer}  {stamp}\n".encode(),
