@@ -13,6 +13,7 @@ from types import FrameType
 from .. import __version__
 from ..config import DEFAULT_CONFIG_PATH, ConfigError, SiteConfig, load_config
 from ..logs import configure, default_format
+from .examples import CONFIGS, UNITS
 
 EXAMPLES = """\
 examples:
@@ -22,6 +23,7 @@ examples:
   xnat-inbox status                                is it running; settling, waiting, sending
   xnat-inbox retry /srv/inbox/scanner/failed/2026-11-25/MR_0042   put a failed drop back
   xnat-inbox demo                                  a local receiver, an inbox, a real drop
+  xnat-inbox example-config > config.yaml          the commented example site config
 
 --config and --log-format go before or after the command. The site config is the one named
 by --config, else by $XNAT_INBOX_CONFIG, else /etc/xnat-inbox/config.yaml.
@@ -93,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
                                "embedded receiver on 127.0.0.1")
     demo.add_argument("--dir", type=Path, default=Path("demo-run"),
                       help="working folder for the demo (default ./demo-run, emptied first)")
+    commands.add_parser("example-config", help="print the commented example site config, or a "
+                        "route: " + ", ".join(CONFIGS[1:])).add_argument(
+        "name", nargs="?", choices=CONFIGS, default=CONFIGS[0], metavar="FILE",
+        help=f"one of {', '.join(CONFIGS)} (default {CONFIGS[0]})")
+    commands.add_parser("example-unit", help="print the systemd unit (its ExecStart= runs this "
+                        "xnat-inbox), or its sysusers.d account or tmpfiles.d state folder"
+                        ).add_argument("name", nargs="?", choices=UNITS, default=UNITS[0],
+                                       metavar="FILE", help=f"one of {', '.join(UNITS)} "
+                                       f"(default {UNITS[0]})")
     return parser
 
 
@@ -112,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(args.dir)
+    if args.command in ("example-config", "example-unit"):
+        from .examples import print_example
+
+        return print_example(args.command.removeprefix("example-"), args.name)
     path, named_by = config_path(args)
     try:
         config = load_config(path)
