@@ -43,10 +43,13 @@ from ..routing.deidentify import prepare as deidentify
 from ..routing.route import Route, RoutedStudy, RouteError, resolve_route, route_study
 from ..senders.base import Delivery, InstanceOutcome, Sender
 from ..senders.registry import make_sender
-from .state import Memo, State
+from .memo import Memo
+from .state import State
 
 #: called with (drop id, instances done, instances to send) as a study is sent
 Progress = Callable[[str, int, int], None]
+#: why a drop must stop sending at the next instance (paused, cancelled), or None
+Halt = Callable[[], str | None]
 #: reads of one drop that may cost a scan worker (or the daemon) its life before the drop is
 #: set aside unread; counted in the state database, so restarts don't reset them
 READ_FAILURES_ALLOWED = 3
@@ -58,6 +61,10 @@ class TransientFailure(Exception):
 
 class Interrupted(Exception):
     """Stopped on request mid-send; the drop stays in the work area and resumes later."""
+
+
+class Halted(Interrupted):
+    """Stopped mid-send by an operator (a pause, a cancel): not a failure, no attempt counted."""
 
 
 def set_aside(failures: list[str]) -> str:
@@ -114,10 +121,11 @@ class Pipeline:
         return DropName(drop.id, str(drop.inbox.path), drop.relative_origin, drop.name, read,
                         self.phi_by_drop.get(drop.id))
 
-    def process(self, drop: ClaimedDrop, give_up: str | None = None) -> Path:
+    def process(self, drop: ClaimedDrop, give_up: str | None = None,
+                halt: Halt | None = None) -> Path:
         """One attempt: deliver what is missing and finish, or raise TransientFailure /
         Interrupted leaving the drop in place. With `give_up`, send nothing and finish as
-        failed with that reason."""
+        failed with that reason. `halt` says when to stop at the next instance (Halted)."""
         if finish_pending(drop):  # decided and recorded earlier; only the move is left to do
             try:
                 target = complete_finish(drop)
@@ -156,7 +164,7 @@ class Pipeline:
                 try:
                     with holding(i.root for study in scan.studies.values()
                                  for i in study.instances if i.root is not None):
-                        self._deliver(drop, report, log, give_up, route)
+                        self._deliver(drop, report, log, give_up, route, halt)
                 except (TransientFailure, Interrupted) as exc:
                     self.state.end_attempt(drop.id, attempt, type(exc).__name__, str(exc))
                     raise
@@ -245,6 +253,7 @@ class Pipeline:
         self.state.end_attempt(drop.id, attempt, outcome, "; ".join(reasons))
         report.attempts = [a.as_dict() for a in self.state.attempts(drop.id)]
         finished = datetime.now().astimezone()
+        self.state.record_summary(drop.id, *_summary(report), reasons[0] if reasons else None)
         try:
             target = plan_target(drop, report.ok, finished)
             log.info("finished", stage="finish", outcome=outcome, moved_to=str(target),
@@ -257,7 +266,7 @@ class Pipeline:
         return target
 
     def _deliver(self, drop: ClaimedDrop, report: DropReport, log: BoundLogger,
-                 give_up: str | None, route: Route | RouteError) -> None:
+                 give_up: str | None, route: Route | RouteError, halt: Halt | None) -> None:
         scan = report.scan
         assert scan is not None
         if isinstance(route, RouteError):
@@ -292,7 +301,7 @@ class Pipeline:
         count = DropCount(total)
         for result in report.studies:
             if not result.delivered_earlier:
-                self._send(drop, result, log, give_up, count)
+                self._send(drop, result, log, give_up, count, halt)
         retry = [r for r in report.studies if r.verdict and r.verdict.transient]
         if retry and not give_up and not any(r.blocked for r in report.studies):
             raise TransientFailure("; ".join(reason for r in retry for reason in r.reasons))
@@ -301,7 +310,7 @@ class Pipeline:
             report.reasons.append(_unusable(broken))
 
     def _send(self, drop: ClaimedDrop, result: StudyResult, log: BoundLogger,
-              give_up: str | None, count: DropCount) -> None:
+              give_up: str | None, count: DropCount, halt: Halt | None) -> None:
         routed = result.routed
         log.info("routed", stage="route", study=routed.study.uid, destination=routed.destination,
                  labels=routed.routing_value or None, series=len(routed.included),
@@ -315,7 +324,7 @@ class Pipeline:
                               total=count.total)
         count.done += len(earlier)
         if pending and not give_up:
-            delivery = self._send_pending(drop, routed, pending, count)
+            delivery = self._send_pending(drop, routed, pending, count, halt)
         else:
             delivery = Delivery(routed.destination)
         delivery.outcomes.update(earlier)
@@ -325,6 +334,10 @@ class Pipeline:
                  stored=delivery.stored, of=len(routed.instances), earlier=len(earlier),
                  seconds=round(delivery.seconds, 2), error=delivery.error)
         if delivery.interrupted:
+            why = halt() if halt and not self.stop.is_set() else None
+            if why:
+                raise Halted(f"{why}: stopped after {delivery.stored} of "
+                             f"{len(routed.instances)} instance(s)")
             raise Interrupted(f"stopped after {delivery.stored} of {len(routed.instances)} "
                               "instance(s); resumes at the next start")
         log.info("verified", stage="verify", study=routed.study.uid,
@@ -339,7 +352,7 @@ class Pipeline:
                 if sop in ours}
 
     def _send_pending(self, drop: ClaimedDrop, routed: RoutedStudy, pending: list[Instance],
-                      count: DropCount) -> Delivery:
+                      count: DropCount, halt: Halt | None) -> Delivery:
         done_before = count.done
 
         def on_instance(instance: Instance, outcome: InstanceOutcome) -> None:
@@ -357,8 +370,11 @@ class Pipeline:
             if self.progress:
                 self.progress(drop.id, done_before + files, count.total)
 
-        return self.sender(routed.destination).send(routed, pending, on_instance,
-                                                    self.stop.is_set, on_progress=on_progress)
+        def should_stop() -> bool:
+            return self.stop.is_set() or (halt is not None and halt() is not None)
+
+        return self.sender(routed.destination).send(routed, pending, on_instance, should_stop,
+                                                    on_progress=on_progress)
 
     def close(self) -> None:
         """Let every sender end its sessions (e.g. log out of XNAT)."""
@@ -368,6 +384,15 @@ class Pipeline:
             close = getattr(sender, "close", None)
             if close:
                 close()
+
+
+def _summary(report: DropReport) -> tuple[int, int, int, float]:
+    """What `history` lists of a drop: studies, instances stored, bytes this attempt sent, and
+    the seconds it took (read to finish)."""
+    studies = report.studies
+    return (len(studies), sum(r.verdict.stored for r in studies if r.verdict),
+            sum(r.delivery.bytes_sent for r in studies if r.delivery),
+            report.timings.get("total_seconds", 0.0))
 
 
 def _unusable(broken: list[FileEntry]) -> str:
