@@ -31,6 +31,7 @@ from tests.systemd_support import status_with
 from xnat_inbox.commands.status import status_lines
 from xnat_inbox.commands.synthetic import Patient, SeriesSpec, write_session
 from xnat_inbox.outcome.report import STORED_EARLIER
+from xnat_inbox.sendwindow import SendWindow
 
 pytestmark = pytest.mark.ops
 
@@ -366,3 +367,28 @@ def test_history_lists_drops_finished_before_a_restart(tmp_path, storescp, daemo
     assert Path(rows[0]["moved_to"]).parent.parent == inbox / "done"
     none = cli(config, "history", "--since", "2099-01-01")
     assert none.returncode == 0 and none.stdout.startswith("no drop finished since 2099-01-01")
+
+
+# --- send_window in the config --------------------------------------------------------------
+
+def test_send_window_errors_name_file_key_and_the_form_expected(tmp_path):
+    """1: a send_window that is not "HH:MM-HH:MM" is refused when the config loads, naming the
+    file, line, key and the form expected; one across midnight opens and closes as read."""
+    config = tmp_path / "config.yaml"
+    for bad in ("7pm-7am", "19:00-19:00", "25:00-07:00"):
+        config.write_text(f"state_dir: {tmp_path}/state\ndestinations:\n  scp:\n    type: dicom\n"
+                          f"    host: 127.0.0.1\n    port: 11112\n    send_window: \"{bad}\"\n"
+                          f"inboxes:\n  - path: {tmp_path}/inbox\n")
+        checked = cli(config, "check")
+        assert checked.returncode == 2
+        assert f"{config}:7: destinations.scp.send_window: expected \"HH:MM-HH:MM\" in local " \
+               f"time, 24-hour clock, e.g. \"19:00-07:00\"" in checked.stderr
+        assert f"got '{bad}'" in checked.stderr
+
+    window = SendWindow.parse("19:00-07:00")
+    day = datetime(2026, 12, 8).astimezone()
+    assert [window.is_open(day.replace(hour=h, minute=m)) for h, m in
+            ((18, 59), (19, 0), (23, 30), (6, 59), (7, 0), (12, 0))] == \
+        [False, True, True, True, False, False]
+    assert window.next_open(day.replace(hour=12)) == day.replace(hour=19)
+    assert window.next_open(day.replace(hour=20)) == day.replace(hour=19) + timedelta(days=1)
