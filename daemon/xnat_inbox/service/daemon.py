@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from pathlib import Path
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
@@ -20,7 +19,6 @@ from ..outcome.finish import FinishError, reserve_recorded
 from ..reading.scan_workers import ScanWorkers
 from .lane import IDLE_TICK_SECONDS, Lane
 from .lease import Lease, LeaseHeld
-from .pause import Hold
 from .pipeline import Halted, Interrupted, Pipeline, TransientFailure
 from .reload import (
     InboxError,
@@ -81,9 +79,6 @@ class Daemon:
     def settling(self) -> int:
         # a claim's own rename touches the drop once more: count only what is still there
         return sum(os.path.lexists(ref.path) for ref in self.tracker.pending())
-
-    def paused(self) -> dict[str, Hold]:
-        return self.steering.holds
 
     def named(self, drop_id: str) -> DropName | None:
         drop = self.drops.get(drop_id)
@@ -289,7 +284,7 @@ class Daemon:
         with self.pipelines_lock:  # a drop keeps the config it started with
             pipeline = self.pipeline_of[drop.id] = self.pipeline
         try:
-            retrying(self._attempt, pipeline, drop, destination)
+            retrying(self.steering.attempt, pipeline, drop, destination)
         except TransientFailure as exc:
             attempts = len(counted(self.state.attempts(drop.id)))
             return self._finish_anyway(pipeline, drop,
@@ -323,11 +318,6 @@ class Daemon:
         if destination != UNROUTED and self.state.destination_health(destination, up=True):
             self.log.info("destination reachable again", destination=destination)
         return True
-
-    def _attempt(self, pipeline: Pipeline, drop: ClaimedDrop, destination: str) -> Path:
-        if why := self.steering.halt(drop.id, destination):
-            raise Halted(why)  # before an attempt begins: none is counted
-        return pipeline.process(drop, halt=lambda: self.steering.halt(drop.id, destination))
 
     def _finish_anyway(self, pipeline: Pipeline, drop: ClaimedDrop, reason: str) -> bool:
         try:

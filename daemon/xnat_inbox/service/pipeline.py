@@ -253,7 +253,7 @@ class Pipeline:
         self.state.end_attempt(drop.id, attempt, outcome, "; ".join(reasons))
         report.attempts = [a.as_dict() for a in self.state.attempts(drop.id)]
         finished = datetime.now().astimezone()
-        self.state.record_summary(drop.id, *_summary(report), reasons[0] if reasons else None)
+        self.state.record_summary(drop.id, *report.summary(), reasons[0] if reasons else None)
         try:
             target = plan_target(drop, report.ok, finished)
             log.info("finished", stage="finish", outcome=outcome, moved_to=str(target),
@@ -384,15 +384,6 @@ class Pipeline:
             close = getattr(sender, "close", None)
             if close:
                 close()
-
-
-def _summary(report: DropReport) -> tuple[int, int, int, float]:
-    """What `history` lists of a drop: studies, instances stored, bytes this attempt sent, and
-    the seconds it took (read to finish)."""
-    studies = report.studies
-    return (len(studies), sum(r.verdict.stored for r in studies if r.verdict),
-            sum(r.delivery.bytes_sent for r in studies if r.delivery),
-            report.timings.get("total_seconds", 0.0))
 
 
 def _unusable(broken: list[FileEntry]) -> str:

@@ -8,13 +8,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from ..config import Destination
+from ..intake.claim import ClaimedDrop
 from ..logs import get_logger
 from .cancel import cancel_requests
 from .lane import IDLE_TICK_SECONDS, Deliver, Lane
 from .pause import Hold, expire_pauses, holds, recorded_pauses
-from .pipeline import Halted
+from .pipeline import Halted, Pipeline
 from .state import Attempt, State
 
 
@@ -89,6 +91,12 @@ class Steering:
             if self.halt(drop_id, destination):
                 break
         return stop.is_set()
+
+    def attempt(self, pipeline: Pipeline, drop: ClaimedDrop, destination: str) -> Path:
+        """One attempt of the drop, unless it must not send now (Halted, and none begun)."""
+        if why := self.halt(drop.id, destination):
+            raise Halted(why)
+        return pipeline.process(drop, halt=lambda: self.halt(drop.id, destination))
 
     def held(self, destination: str) -> Hold | None:
         return self.holds.get(destination)
