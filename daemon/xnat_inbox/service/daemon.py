@@ -19,6 +19,7 @@ from ..outcome.finish import FinishError, reserve_recorded
 from ..reading.scan_workers import ScanWorkers
 from .lane import IDLE_TICK_SECONDS, Lane
 from .lease import Lease, LeaseHeld
+from .pause import Hold
 from .pipeline import Halted, Interrupted, Pipeline, TransientFailure
 from .reload import (
     InboxError,
@@ -79,6 +80,10 @@ class Daemon:
     def settling(self) -> int:
         # a claim's own rename touches the drop once more: count only what is still there
         return sum(os.path.lexists(ref.path) for ref in self.tracker.pending())
+
+    def paused(self) -> dict[str, Hold]:
+        """Destinations that send nothing now: paused, or outside their send window."""
+        return self.steering.holds
 
     def named(self, drop_id: str) -> DropName | None:
         drop = self.drops.get(drop_id)

@@ -15,7 +15,7 @@ from ..config import SiteConfig
 from ..intake.claim import ClaimedDrop
 from ..logs import DropName, get_logger
 from .notify import Notifier
-from .steering import Steering
+from .pause import Hold
 
 SEPARATOR = " · "
 #: recount today's reports this often even when no drop finished (the date may change)
@@ -70,8 +70,9 @@ class Supervised(Protocol):
     @property
     def progress(self) -> Mapping[str, tuple[int, int]]: ...  # drop id -> (sent, to send)
 
-    @property
-    def steering(self) -> Steering: ...  # destinations paused now (or outside their window)
+    def paused(self) -> Mapping[str, Hold]:
+        """Destinations that send nothing now: paused, or outside their send window."""
+        ...
 
     def watching(self) -> tuple[int, int]:
         """Inboxes watched, and how many of them by polling."""
@@ -155,7 +156,7 @@ class Supervisor:
             parts.append(f"{waiting} waiting")
         for drop_id in sorted(started):
             parts.append(self._describe(drop_id))
-        for name, hold in sorted(daemon.steering.holds.items()):
+        for name, hold in sorted(daemon.paused().items()):
             parts.append(f"{name} {hold.describe(short=True)}")
         done, failed = self._finished_today(frozenset(in_flight), now)
         parts.append(f"{done} done, {failed} failed today")
