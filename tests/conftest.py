@@ -10,8 +10,10 @@ import pytest
 from tests.daemon_runner import DaemonProcess
 from tests.fake_xnat import FakeXnat
 from tests.peers import InProcessSCP, Orthanc, StoreSCP
+from tests.receivers import SmtpServer, WebhookReceiver
 
-pytest_plugins = ["tests.systemd_support", "tests.security_support"]  # their fixtures
+# their fixtures
+pytest_plugins = ["tests.systemd_support", "tests.security_support", "tests.transcode_corpus"]
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +68,30 @@ def daemon(tmp_path: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def webhook() -> Iterator[WebhookReceiver]:
+    """An HTTP receiver of webhook notices on 127.0.0.1 (stop() and start() it again to play
+    a receiver that is down)."""
+    receiver = WebhookReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture
+def smtp() -> Iterator[Callable[..., SmtpServer]]:
+    """Start real SMTP servers (aiosmtpd) on 127.0.0.1; each is stopped at teardown."""
+    started: list[SmtpServer] = []
+
+    def start(**options: object) -> SmtpServer:
+        server = SmtpServer(**options).start()  # type: ignore[arg-type]
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 def checksums(root: Path) -> dict[str, str]:

@@ -54,6 +54,11 @@ class InboxAllow(BaseModel):
     #: keywords (or "private", "PatientName") a route may let through the PHI guard;
     #: None: any while phi_guard_floor is off, none once a floor is set
     phi_allow: list[str] | None = None
+    #: names of the site config's notify targets a route may use; None: every named one
+    notify_targets: list[str] | None = None
+    #: glob patterns (case-insensitive) every address a route adds with notify `to:` must
+    #: match; None: the domain of the target's sender (`*@its-domain`)
+    notify_to: list[str] | None = None
 
     _project_matchers: tuple[re.Pattern[str], ...] = PrivateAttr(())
 
@@ -76,6 +81,17 @@ class InboxAllow(BaseModel):
             names = ", ".join(sorted(known)) or "none are configured"
             raise ValueError(f"unknown destination(s) {', '.join(map(repr, unknown))}; the site "
                              f"config defines: {names}")
+        return value
+
+    @field_validator("notify_targets")
+    @classmethod
+    def _known_targets(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        known = (info.context or {}).get("notice_targets")
+        unknown = [name for name in value or [] if known is not None and name not in known]
+        if unknown:
+            names = ", ".join(sorted(known)) or "none are named"
+            raise ValueError(f"unknown notify target(s) {', '.join(map(repr, unknown))}; the "
+                             f"site config's notify: list names: {names}")
         return value
 
     @field_validator("projects")

@@ -18,6 +18,7 @@ from pydantic import (
 )
 from pydicom.datadict import keyword_dict
 
+from . import notifyconfig as notices
 from .allow import OVERWRITE_LEVELS, InboxAllow, breaches, exceeds, known_phi_allow
 from .patterns import PatternError, UserPattern
 from .sendwindow import SendWindowText
@@ -181,6 +182,7 @@ class RouteTemplate(Strict):
     phi_guard: Literal["reject", "warn", "off"] | None = None
     phi_allow: list[str] | None = None  # keywords (or "private") the guard lets through
     phi_allow_patient_name: Pattern | None = None  # an allowed PatientName pattern
+    notify: list[notices.RouteNotice] | None = None  # site targets by name (notifyconfig.py)
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
@@ -215,8 +217,12 @@ class RouteTemplate(Strict):
         return {key: value for key, value in self if value is not None}
 
     def merged_over(self, parent: RouteTemplate) -> RouteTemplate:
-        """This route's keys, falling back to `parent`'s for keys it leaves out."""
-        return parent.model_copy(update=self.keys_set())
+        """This route's keys, falling back to `parent`'s for keys it leaves out; notify
+        entries add to the parent's (a lab's contact beside the department's)."""
+        update = self.keys_set()
+        if self.notify is not None and parent.notify:
+            update["notify"] = [*parent.notify, *self.notify]
+        return parent.model_copy(update=update)
 
 
 class ArchiveLimits(Strict):
@@ -241,6 +247,8 @@ class InboxConfig(Strict):
     #: where this inbox sits in the site config ("/etc/xnat-inbox/config.yaml inboxes[1]"),
     #: for messages that send the reader there
     config_key: str = Field("inboxes[?]", exclude=True)
+    #: the site config's named notify targets, which a route here may use
+    notice_targets: dict[str, notices.NoticeTarget] = Field({}, exclude=True)
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
@@ -303,6 +311,8 @@ class SiteConfig(Strict):
     inboxes: list[InboxConfig] = Field(min_length=1)
     #: the site secret that keys de-identification's UID remapping (a file or a credential name)
     deid_secret_file: str | None = None
+    notify: notices.NoticeTargets = []  # notices of every inbox's drops
+    metrics: notices.MetricsConfig | None = None
     source: Path = Field(Path("config.yaml"), exclude=True)
 
     @model_validator(mode="after")
@@ -361,7 +371,8 @@ class SiteConfig(Strict):
         return [f"destination {name}: {destination.url} is plain http (allow_http: true): the "
                 "password and the session cookie cross the network unencrypted; use https://"
                 for name, destination in self.destinations.items()
-                if isinstance(destination, XnatDestination) and destination.plain_http]
+                if isinstance(destination, XnatDestination) and destination.plain_http] + \
+            notices.notify_warnings(self.notify, self.metrics)
 
     def settle_for(self, inbox: InboxConfig) -> float:
         return self.settle_seconds if inbox.settle_seconds is None else inbox.settle_seconds
@@ -372,9 +383,12 @@ def load_config(path: Path) -> SiteConfig:
     # the admin's file: anchors and aliases may share settings between inboxes (bounded)
     data, lines = load_yaml(path, max_bytes=CONFIG_MAX_BYTES, allow_aliases=True)
     names = data.get("destinations") if isinstance(data, dict) else None
-    context = {"destinations": set(names) if isinstance(names, dict) else None}
+    context = {"destinations": set(names) if isinstance(names, dict) else None,
+               "notice_targets": notices.target_names(data)}
     config = validate(SiteConfig, data, path, lines, context)
-    inboxes = [inbox.model_copy(update={"config_key": f"{path} inboxes[{index}]"})
+    targets = {target.name: target for target in config.notify if target.name}
+    inboxes = [inbox.model_copy(update={"config_key": f"{path} inboxes[{index}]",
+                                        "notice_targets": targets})
                for index, inbox in enumerate(config.inboxes)]
     return config.model_copy(update={"source": path, "inboxes": inboxes})
 

@@ -61,23 +61,24 @@ class Secret:
 
 def read_secret(name_or_path: str | Path | None, *, host: str | None = None,
                 environ: Mapping[str, str] | None = None,
-                netrc_file: Path | None = None) -> Secret:
+                netrc_file: Path | None = None, multiline: bool = False) -> Secret:
     """The secret named `name_or_path` (a credential name or a file), else `host`'s password
-    in the netrc file (default ~/.netrc); SecretError says what was tried."""
+    in the netrc file (default ~/.netrc); SecretError says what was tried. `multiline`: the
+    file may hold several lines (e.g. a webhook's headers)."""
     environ = os.environ if environ is None else environ
     tried: list[str] = []
     if name_or_path:
         text = str(name_or_path)
         credential = _credential_path(text, environ)
         if credential is not None and credential.is_file():
-            return _remember(Secret(_read_file(credential), f"credential {text}"))
+            return _remember(Secret(_read_file(credential, multiline), f"credential {text}"))
         if credential is not None:
             tried.append(f"{credential} (from LoadCredential=)")
         if "/" in text:
             path = Path(text).expanduser()
             if path.exists() or host is None:
                 _warn_if_readable_by_others(path)
-                return _remember(Secret(_read_file(path), str(path)))
+                return _remember(Secret(_read_file(path, multiline), str(path)))
             tried.append(str(path))
         elif credential is None:
             tried.append(f"credential {text} (${CREDENTIALS_ENV} is not set: add "
@@ -94,7 +95,7 @@ def _credential_path(name: str, environ: Mapping[str, str]) -> Path | None:
     return Path(folder) / name
 
 
-def _read_file(path: Path) -> str:
+def _read_file(path: Path, multiline: bool = False) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -104,7 +105,7 @@ def _read_file(path: Path) -> str:
     value = text.rstrip("\r\n")  # files written with `echo` end with a newline
     if not value:
         raise SecretError(f"the secret file {path} is empty")
-    if "\n" in value:
+    if "\n" in value and not multiline:
         raise SecretError(f"the secret file {path} holds more than one line; "
                           "write the password or token alone")
     return value

@@ -13,6 +13,7 @@ from ..config import ROUTE_FILE, ConfigError, InboxConfig, SiteConfig, XnatDesti
 from ..intake.claim import ClaimedDrop
 from ..intake.watch import ARCHIVE_SUFFIXES, is_archive_name, routing_folders
 from ..logs import get_logger, phi_pattern, redact
+from ..notifyconfig import RouteNotice, route_notice_problems
 from ..reading.scan import Instance, Kind, ScanResult, scan_drop
 from ..reading.scan_workers import NoWorker, ReadJob, ScanWorkers, WorkerLost
 from ..reading.unpack import UNPACKED, UnpackError
@@ -20,6 +21,7 @@ from ..routing import deidentify
 from ..routing.route import RoutedStudy, RouteError, filter_reason, resolve_route, route_study
 from ..senders.base import SendError
 from ..senders.registry import make_sender
+from ..service.notices import recipients
 
 _NO_LOG = get_logger(step="explain")
 
@@ -103,6 +105,8 @@ def _describe(config: SiteConfig, drop: ClaimedDrop, path: Path, scan: ScanResul
         yield f"Route: none usable: {exc}"
         return
     yield f"Route: destination {route.destination} (from {', '.join(route.sources)})"
+    if config.notify:
+        yield f"Notices: {_notices(config, route.template.notify or [])}"
     for number, study in enumerate(scan.studies.values(), 1):
         routed = route_study(study, route, drop)
         deidentify.prepare(routed, drop, config.deid_secret_file, None, _NO_LOG)
@@ -131,6 +135,16 @@ def _describe(config: SiteConfig, drop: ClaimedDrop, path: Path, scan: ScanResul
         yield "No DICOM studies: the drop would go to failed/."
     if phi is not None and scan.phi:
         yield "(values derived from patient data are shown as [PHI]; --show-phi shows them)"
+
+
+def _notices(config: SiteConfig, entries: list[RouteNotice]) -> str:
+    """Who hears of this drop: "failed: admins, lab-mail (lab@example.org); done: none; …"."""
+    parts = []
+    for event in ("failed", "done", "waiting"):
+        told = [label + (f" ({', '.join(to)})" if to else "") for label, _, to in
+                recipients(config, event, entries, waited=float("inf"))]
+        parts.append(f"{event}: {', '.join(told) or 'nobody'}")
+    return "; ".join(parts)
 
 
 def _deid_lines(instance: Instance, transform: deidentify.Transform,
@@ -225,7 +239,9 @@ def _route_file_problems(route_file: Path, names: set[str], inbox: InboxConfig) 
     except ConfigError as exc:
         return [str(exc)]
     return [breach.message(str(route_file), inbox.config_key)
-            for breach in breaches(template.keys_set(), inbox.allow)]
+            for breach in breaches(template.keys_set(), inbox.allow)] + route_notice_problems(
+        template.notify or [], str(route_file), inbox.allow, inbox.config_key,
+        inbox.notice_targets)
 
 
 def route_files(inbox: InboxConfig) -> Iterator[Path]:

@@ -23,6 +23,7 @@ from ..config import (
 )
 from ..fsops import TrustedPath, UnsafePath, held
 from ..intake.claim import ClaimedDrop
+from ..notifyconfig import route_notice_problems
 from ..reading.dataset import read_dataset, text_value
 from ..reading.scan import Instance, Series, Study
 from ..templates import MAX_LABEL_LENGTH, PATH_FIELDS, Template, clean_label, label_problem
@@ -92,6 +93,7 @@ def resolve_route(drop: ClaimedDrop, destinations: set[str]) -> Route:
     merged = drop.inbox.route or RouteTemplate()
     sources = [INLINE_ROUTE] if drop.inbox.route else []
     origins = dict.fromkeys(merged.keys_set(), INLINE_ROUTE)
+    notices = _notice_problems(drop, merged, INLINE_ROUTE)
     for folder in _folders_down_to(drop.inbox.path, drop.origin):
         path = folder / ROUTE_FILE
         try:
@@ -103,6 +105,7 @@ def resolve_route(drop: ClaimedDrop, destinations: set[str]) -> Route:
             continue
         merged = template.merged_over(merged)
         sources.append(str(path))
+        notices += _notice_problems(drop, template, str(path))
         origins.update(dict.fromkeys(template.keys_set(), str(path)))
     if not sources:
         raise RouteError("no route.yaml applies to this drop: put one in the inbox or the folder "
@@ -112,6 +115,8 @@ def resolve_route(drop: ClaimedDrop, destinations: set[str]) -> Route:
         raise RouteError(f"the route for this drop (from {', '.join(sources)}) has no "
                          f"{', '.join(missing)}; add the key(s) to a route.yaml")
     check_limits(merged, origins, drop.inbox.allow, drop.inbox.config_key)
+    if notices:
+        raise RouteError("; ".join(notices))
     unset = {key: value for key, value in route_defaults(drop.inbox.allow).items()
              if getattr(merged, key) is None}
     return Route(merged.model_copy(update=unset), tuple(sources), origins)
@@ -124,6 +129,14 @@ def check_limits(merged: RouteTemplate, origins: Mapping[str, str], allow: Inbox
     if found:
         raise RouteError("; ".join(breach.message(origins.get(breach.key, INLINE_ROUTE),
                                                   inbox_key) for breach in found))
+
+
+def _notice_problems(drop: ClaimedDrop, template: RouteTemplate, source: str) -> list[str]:
+    """A route's notify entries may name only the site's targets, and add recipients only
+    within the inbox's allow.notify_to: each file is checked on its own, to name it."""
+    inbox = drop.inbox
+    return route_notice_problems(template.notify or [], source, inbox.allow, inbox.config_key,
+                                 inbox.notice_targets)
 
 
 def route_defaults(allow: InboxAllow) -> dict[str, object]:

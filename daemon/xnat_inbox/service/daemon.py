@@ -19,6 +19,7 @@ from ..outcome.finish import FinishError, reserve_recorded
 from ..reading.scan_workers import ScanWorkers
 from .lane import IDLE_TICK_SECONDS, Lane
 from .lease import Lease, LeaseHeld
+from .ops import Ops
 from .pause import Hold
 from .pipeline import Halted, Interrupted, Pipeline, TransientFailure
 from .reload import (
@@ -52,8 +53,9 @@ class Daemon:
         self.tracker = SettleTracker(lambda ref: self.config.settle_for(ref.inbox),
                                      lambda ref: self._watcher_of(ref).add_routing_folder(ref.path))
         self.scans = ScanWorkers(config.scan_processes, config.scan_memory_limit)
+        self.ops = Ops(self, self.state)  # notices and metrics
         self.pipeline = Pipeline(config, self.state, self._on_progress, self.stop,
-                                 scans=self.scans, reading=self._on_reading)
+                                 scans=self.scans, reading=self._on_reading, hooks=self.ops)
         # pipelines replaced by a reload, closed once no drop in flight uses them any more
         self.retired: list[Pipeline] = []
         self.pipeline_of: dict[str, Pipeline] = {}  # drop id -> the pipeline of its attempts
@@ -109,6 +111,7 @@ class Daemon:
         for inbox in self.config.inboxes:
             self.adopt_inbox(inbox)
         self.settling_record.update(self.tracker.pending())  # and what a crash left is gone
+        self.ops.start()
 
     def adopt_inbox(self, inbox: InboxConfig) -> None:
         """Resume what an earlier run left claimed in this inbox, then watch it."""
@@ -165,6 +168,7 @@ class Daemon:
                 self.tick(time.monotonic())
                 self.steering.tick(self.lanes, self.deliver)
                 self.supervisor.tick(time.monotonic())
+                self.ops.tick(time.monotonic())
                 self.settling_record.update(self.tracker.pending())
         finally:
             self.supervisor.stopping()
@@ -217,7 +221,7 @@ class Daemon:
         self.config = new
         self.replace_pipeline(Pipeline(new, self.state, self.pipeline.progress, self.stop,
                                        self.pipeline.phi_by_drop, self.scans,
-                                       self.pipeline.reading))
+                                       self.pipeline.reading, self.pipeline.hooks))
         set_log_phi(new.log_phi)
         for inbox in changes.watch:
             self.watch_inbox(inbox)
@@ -358,6 +362,7 @@ class Daemon:
         wait = state.next_action.sleep if state.next_action else 0.0
         error = str(state.outcome.exception()) if state.outcome else None
         waiting = len(self.lanes[destination]) - 1 if destination in self.lanes else 0
+        self.ops.retrying(destination)
         if self.state.destination_health(destination, up=False, error=error,
                                          next_try=time.time() + wait):
             with self.pipeline.named(drop).scope():  # the error may quote its labels or name
@@ -396,6 +401,7 @@ class Daemon:
         self.steering.join(timeout=longest + 5)
         for pipeline in [*self.retired, self.pipeline]:
             pipeline.close()  # e.g. log out of XNAT
+        self.ops.stop()  # notices of drops finished just now still go out
         self.state.record_settling([])  # nothing settles while the daemon is stopped
         self.state.close()
         self.log.info("stopped")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 from structlog.stdlib import BoundLogger
 
@@ -55,6 +56,17 @@ Halt = Callable[[], str | None]
 READ_FAILURES_ALLOWED = 3
 
 
+class Hooks(Protocol):
+    """What else hears of a drop's sends and its end (metrics, notices: service/ops.py)."""
+
+    def sent(self, destination: str, delivery: Delivery) -> None: ...
+
+    def finished(self, drop: ClaimedDrop, target: Path, report: DropReport | None,
+                 named: DropName) -> None:
+        """Moved to `target`; `report`: None when a restart completed the move."""
+        ...
+
+
 class TransientFailure(Exception):
     """Not delivered yet, but worth another attempt; the drop stays in the work area."""
 
@@ -87,7 +99,8 @@ class Pipeline:
                  stop: threading.Event | None = None,
                  phi_by_drop: dict[str, re.Pattern[str] | None] | None = None,
                  scans: ScanWorkers | None = None,
-                 reading: Callable[[str], None] | None = None) -> None:
+                 reading: Callable[[str], None] | None = None,
+                 hooks: Hooks | None = None) -> None:
         self.config = config
         self.state = state
         self.progress = progress
@@ -99,6 +112,7 @@ class Pipeline:
         # called with a drop's id as each read of it starts: a read has a time limit of its own
         # (scan_timeout), so reading again after a lost worker is progress, not a stuck drop
         self.reading = reading
+        self.hooks = hooks
         self._senders: dict[str, Sender] = {}
         self._lock = threading.Lock()
 
@@ -137,6 +151,8 @@ class Pipeline:
             with named.scope():
                 get_logger(**named.fields()).info("completed an interrupted finish",
                                                   stage="finish", moved_to=str(target))
+            if self.hooks:
+                self.hooks.finished(drop, target, None, named)
             return target
         with drop_log() as lines:
             lines.append(self._claimed_line(drop))
@@ -263,6 +279,8 @@ class Pipeline:
             log.error("cannot finish", stage="finish", reason=str(exc))
             raise TransientFailure(str(exc)) from None
         self.state.drop_stage(drop.id, "finished", outcome=outcome, target=str(target))
+        if self.hooks:
+            self.hooks.finished(drop, target, report, self.named(drop))
         return target
 
     def _deliver(self, drop: ClaimedDrop, report: DropReport, log: BoundLogger,
@@ -325,6 +343,8 @@ class Pipeline:
         count.done += len(earlier)
         if pending and not give_up:
             delivery = self._send_pending(drop, routed, pending, count, halt)
+            if self.hooks:
+                self.hooks.sent(routed.destination, delivery)
         else:
             delivery = Delivery(routed.destination)
         delivery.outcomes.update(earlier)
