@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import checksums
 from tests.daemon_runner import (
@@ -40,11 +41,28 @@ ROUTE = {"destination": "scp", "project": "Proj", "subject": "{PatientID}",
 USER = pwd.getpwuid(os.getuid()).pw_name
 
 
-def site(tmp_path: Path, peer: Any, **destination: Any) -> tuple[Path, Path]:
+def site(tmp_path: Path, peer: Any, settings: dict[str, Any] | None = None,
+         **destination: Any) -> tuple[Path, Path]:
     inbox = tmp_path / "inbox"
     config = write_config(tmp_path, {"scp": dicom_destination(peer, **destination)},
-                          [{"path": str(inbox), "route": ROUTE}])
+                          [{"path": str(inbox), "route": ROUTE}], **(settings or {}))
     return config, inbox
+
+
+def paused_metric(textfile: Path, expected: float, timeout: float = 30) -> None:
+    """Wait for the metrics textfile's xnat_inbox_destination_paused of scp to be `expected`."""
+    deadline, value = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        if textfile.exists():
+            value = next((s.value for family in text_string_to_metric_families(
+                textfile.read_text()) for s in family.samples
+                if s.name == "xnat_inbox_destination_paused" and
+                s.labels.get("destination") == "scp"), None)
+            if value == expected:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"xnat_inbox_destination_paused{{destination=scp}} is {value}, "
+                         f"not {expected}")
 
 
 def copy_in(tmp_path: Path, inbox: Path, name: str, instances: int = 2,
@@ -181,8 +199,11 @@ def test_a_pause_finishes_the_instance_in_flight_and_counts_no_attempt(tmp_path,
 
 
 def test_a_pause_survives_a_restart(tmp_path, storescp, daemon):
-    """1: the pause is in the state database: a restarted daemon holds the drop still."""
-    config, inbox = site(tmp_path, storescp)
+    """1: the pause is in the state database: a restarted daemon holds the drop still (and
+    its metrics say so)."""
+    textfile = tmp_path / "metrics.prom"
+    config, inbox = site(tmp_path, storescp, {"metrics": {"textfile": str(textfile),
+                                                          "textfile_seconds": 0.2}})
     first = daemon(config)
     assert cli(config, "pause", "scp", "--reason", "XNAT upgrade").returncode == 0
     copy_in(tmp_path, inbox, "MR1")
@@ -194,11 +215,13 @@ def test_a_pause_survives_a_restart(tmp_path, storescp, daemon):
     _, text = status_until(config, lambda s: s["daemon"]["pid"] == second.pid and
                            waiting_paused("MR1")(s))
     assert "  MR1 -> scp: paused (XNAT upgrade) until resumed; waits its turn" in text
+    paused_metric(textfile, 1)
     time.sleep(1.5)
     assert received(storescp) == 0
     assert cli(config, "resume", "scp").returncode == 0
     assert wait_for_report(inbox, "MR1", daemon=second)[0] == "done"
     assert received(storescp) == 2
+    paused_metric(textfile, 0)
 
 
 def test_pause_until_a_time_ends_by_itself(tmp_path, storescp, daemon):
