@@ -21,6 +21,7 @@ from pydicom.datadict import keyword_dict
 from . import notifyconfig as notices
 from .allow import OVERWRITE_LEVELS, InboxAllow, breaches, exceeds, known_phi_allow
 from .patterns import PatternError, UserPattern
+from .sendwindow import SendWindowText
 from .templates import Template, TemplateError
 from .yamlfile import ConfigError, load_yaml, validate
 
@@ -72,6 +73,7 @@ class DicomDestination(Strict):
     association_close_delay: float = Field(
         5.0, ge=0, le=600, description="seconds an association stays open after a drop for "
         "the next one (as Orthanc's DicomAssociationCloseDelay); 0: released at once")
+    send_window: SendWindowText = None
     retry: RetryPolicy = RetryPolicy()
 
 
@@ -97,6 +99,7 @@ class XnatDestination(Strict):
     max_parallel: int = Field(1, ge=1, le=8, description="series zips uploaded at once")
     study_zip_max_files: int = Field(100, ge=0, description="smaller studies go as one zip")
     compression: Literal["stored", "deflate"] = "stored"
+    send_window: SendWindowText = None
     retry: RetryPolicy = RetryPolicy()
 
     @model_validator(mode="before")

@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from .. import __version__
 from ..config import DEFAULT_CONFIG_PATH, ConfigError, SiteConfig, load_config
@@ -22,6 +23,10 @@ examples:
   xnat-inbox --config ./config.yaml run            watch the inboxes (what systemd runs)
   xnat-inbox status                                is it running; settling, waiting, sending
   xnat-inbox retry /srv/inbox/scanner/failed/2026-11-25/MR_0042   put a failed drop back
+  xnat-inbox pause xnat-web --until "2026-12-08 07:00" --reason "XNAT upgrade"
+  xnat-inbox resume xnat-web                       send again (pause/resume --all: every one)
+  xnat-inbox cancel MR_0042                        a waiting or sending drop to failed/
+  xnat-inbox history --since 7d --failed           drops finished (failed) in the last 7 days
   xnat-inbox demo                                  a local receiver, an inbox, a real drop
   xnat-inbox example-config > config.yaml          the commented example site config
 
@@ -84,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a drop (folder or archive) in failed/YYYY-MM-DD/, or in the "
                        "routing folder kept below it (failed/YYYY-MM-DD/StudyV/v1)")
     retry.add_argument("--all", action="store_true", help="send delivered studies again too")
+    _steering(commands, common)
     lookup = commands.add_parser(
         "lookup", parents=[common], help="PHI-BEARING: map de-identified UIDs/PatientIDs to the "
         "originals (and back) from the state database; for authorised staff only",
@@ -105,6 +111,33 @@ def build_parser() -> argparse.ArgumentParser:
                                        metavar="FILE", help=f"one of {', '.join(UNITS)} "
                                        f"(default {UNITS[0]})")
     return parser
+
+
+def _steering(commands: Any, common: argparse.ArgumentParser) -> None:
+    """pause, resume, cancel, history: for whoever may write the state database."""
+    pause = commands.add_parser("pause", parents=[common], help="stop sending to a destination "
+                                "after the instance in flight; its drops wait in order")
+    resume = commands.add_parser("resume", parents=[common], help="send to a paused destination "
+                                 "again")
+    for parser in (pause, resume):
+        parser.add_argument("destination", nargs="?", help="a destination of the site config")
+        parser.add_argument("--all", action="store_true", help="every destination")
+    pause.add_argument("--until", metavar="WHEN", help='"2026-12-08 07:00" (local time), 07:00 '
+                       "(the next), or a duration: 90m, 2h, 1d; default: until resumed")
+    pause.add_argument("--reason", metavar="TEXT", help="shown by status and the STATUS line")
+    cancel = commands.add_parser("cancel", parents=[common], help="move waiting or sending "
+                                 "drops to failed/ (a sending one at its next instance); nothing "
+                                 "is deleted, retry brings them back")
+    cancel.add_argument("drops", nargs="+", metavar="DROP",
+                        help="a drop as status shows it: its path in the inbox, name, id, or "
+                        "path on disk")
+    history = commands.add_parser("history", parents=[common], help="one line per drop "
+                                  "finished: when, inbox, drop, outcome, destination, studies, "
+                                  "instances, bytes, seconds, first reason")
+    history.add_argument("--since", default="7d", metavar="WHEN",
+                         help="a duration back (7d, 12h) or a date (2026-12-01); default 7d")
+    history.add_argument("--failed", action="store_true", help="only drops that failed")
+    history.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def config_path(args: argparse.Namespace) -> tuple[Path, str]:
@@ -144,6 +177,19 @@ def main(argv: list[str] | None = None) -> int:
         return status(config, args.json)
     if args.command == "retry":
         return retry(config, args)
+    if args.command in ("pause", "resume", "cancel"):
+        from .steer import steer
+
+        return steer(config, args.command, args)
+    if args.command == "history":
+        from .history import history
+        from .when import WhenError
+
+        try:
+            return history(config, args.since, args.failed, args.json)
+        except WhenError as exc:
+            print(f"xnat-inbox history: --since {exc}", file=sys.stderr)
+            return 2
     if args.command == "check":
         from .explain import check
 

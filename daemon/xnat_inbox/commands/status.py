@@ -18,6 +18,7 @@ from typing import Any
 from ..config import SiteConfig
 from ..intake.watch import existing_drops
 from ..service.lease import holder
+from ..service.pause import holds, recorded_pauses
 from ..service.state import State
 
 #: done drops listed by name in the text output (all of them with --json)
@@ -41,7 +42,10 @@ def gather(config: SiteConfig, state: State, now: float | None = None) -> dict[s
     daemon = {"running": running is not None, "pid": running.pid if running else None,
               "since": running.since if running else None}
     health = state.health()
-    waiting, sending = _claimed(config, state, running is not None, health, now)
+    # a pause is recorded, so it holds whether the daemon runs or not; a send window likewise
+    paused = {name: hold.as_dict() for name, hold in
+              holds(config.destinations, recorded_pauses(state), now).items()}
+    waiting, sending = _claimed(config, state, running is not None, health, now, paused)
     done, failed = _finished_today(config, state, now)
     return {
         "daemon": daemon,
@@ -55,7 +59,7 @@ def gather(config: SiteConfig, state: State, now: float | None = None) -> dict[s
         "done_today": done,
         "failed_today": failed,
         "destinations": [_destination(name, health.get(name), running is not None)
-                         for name in sorted(config.destinations)],
+                         | {"paused": paused.get(name)} for name in sorted(config.destinations)],
     }
 
 
@@ -66,10 +70,12 @@ def _settling(config: SiteConfig, state: State) -> list[dict[str, Any]]:
 
 
 def _claimed(config: SiteConfig, state: State, running: bool,
-             health: dict[str, dict[str, Any]],
-             now: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+             health: dict[str, dict[str, Any]], now: float,
+             paused: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]],
+                                                         list[dict[str, Any]]]:
     """Drops in the work areas: (waiting, sending). Waiting: queued behind another drop,
-    waiting to retry, or held while the daemon is stopped; sending: an attempt under way."""
+    waiting to retry, its destination paused, or held while the daemon is stopped; sending:
+    an attempt under way."""
     work = {str(inbox.path): inbox.work for inbox in config.inboxes}
     waiting, sending = [], []
     for drop in state.unfinished():
@@ -93,6 +99,8 @@ def _claimed(config: SiteConfig, state: State, running: bool,
             # this attempt's stage, or one left from an earlier attempt that is read again now
             reading = drop["stage"] != "sending" or drop["updated_at"] < last.started
             sending.append({**entry, "state": "reading" if reading else "sending"})
+        elif entry["destination"] in paused:
+            waiting.append({**entry, "state": "paused", "paused": paused[entry["destination"]]})
         elif last is not None and last.outcome == "TransientFailure":
             next_try = (health.get(entry["destination"] or "") or {}).get("next_try")
             waiting.append({**entry, "state": "retry",
@@ -173,8 +181,17 @@ def status_lines(summary: dict[str, Any]) -> list[str]:
     lines.append(f"failed today: {len(summary['failed_today'])}")
     lines += [f"  {d['drop']} -> {d['moved_to']}" for d in summary["failed_today"]]
     lines.append("destinations:")
-    lines += [f"  {d['name']}: {_health(d)}" for d in summary["destinations"]]
+    lines += [f"  {d['name']}: " + (f"{_paused(d['paused'], by=True)}; " if d["paused"] else "")
+              + _health(d) for d in summary["destinations"]]
     return lines
+
+
+def _paused(hold: dict[str, Any], by: bool = False) -> str:
+    """'paused (reason) until …', and with `by` who paused it, when."""
+    text = f"paused ({hold['reason']}) until {hold['until'] or 'resumed'}"
+    if by and hold["by"]:
+        text += f" (`xnat-inbox pause` by {hold['by']} at {hold['since']})"
+    return text
 
 
 def _files(drop: dict[str, Any]) -> str:
@@ -190,6 +207,8 @@ def _waiting(drop: dict[str, Any], destination_error: str | None) -> str:
     parts = [_files(drop)] if "files" in drop else []
     if drop["state"] == "held":
         parts.append("held in the work area; resumes when the daemon starts")
+    elif drop["state"] == "paused":
+        parts.append(f"{_paused(drop['paused'])}; waits its turn")
     elif drop["state"] == "retry":
         parts.append(f"waiting to retry, next try {drop['next_try'] or 'now'}")
     else:

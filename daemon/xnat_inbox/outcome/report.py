@@ -71,6 +71,14 @@ class DropReport:
                          for reason in s.reasons]
         return [*self.reasons, *study_reasons]
 
+    def summary(self) -> tuple[int, int, int, float]:
+        """What `history` lists of the drop: studies, instances stored (over all attempts),
+        bytes this attempt sent, and the seconds it took (read to finish)."""
+        studies = self.studies
+        return (len(studies), sum(r.verdict.stored for r in studies if r.verdict),
+                sum(r.delivery.bytes_sent for r in studies if r.delivery),
+                self.timings.get("total_seconds", 0.0))
+
     def to_dict(self, finished_at: datetime) -> dict[str, Any]:
         report = {
             "version": __version__,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from pathlib import Path
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
@@ -21,7 +20,8 @@ from ..reading.scan_workers import ScanWorkers
 from .lane import IDLE_TICK_SECONDS, Lane
 from .lease import Lease, LeaseHeld
 from .ops import Ops
-from .pipeline import Interrupted, Pipeline, TransientFailure
+from .pause import Hold
+from .pipeline import Halted, Interrupted, Pipeline, TransientFailure
 from .reload import (
     InboxError,
     inbox_changes,
@@ -29,30 +29,15 @@ from .reload import (
     log_reloaded,
     log_warnings,
     prepare_inboxes,
+    warn_if_links_unprotected,
 )
 from .settling import SettlingRecord
 from .state import State
+from .steering import Steering, counted
 from .supervise import Supervisor
 
 TICK_SECONDS = 0.25
 UNROUTED = "(no route)"  # the lane of drops whose route names no usable destination
-
-
-#: the kernel's guard against hard links to files the linking user can't read (Debian: 1)
-PROTECTED_HARDLINKS = Path("/proc/sys/fs/protected_hardlinks")
-
-
-def warn_if_links_unprotected() -> None:
-    """Symbolic links are never followed, but a hard link is the file itself: inbox users
-    could link a file they can't read into a drop if the kernel let them."""
-    try:
-        unprotected = PROTECTED_HARDLINKS.read_text().strip() == "0"
-    except OSError:
-        return
-    if unprotected:
-        get_logger(step="service").warning(
-            "the kernel lets users hard-link files they can't read into an inbox: set "
-            "fs.protected_hardlinks=1 (sysctl)", setting=str(PROTECTED_HARDLINKS))
 
 
 class StartupError(Exception):
@@ -88,6 +73,7 @@ class Daemon:
         self.supervisor = Supervisor(self)
         self.lease = Lease(config.state_dir)
         self.settling_record = SettlingRecord(self.state)  # for `status`
+        self.steering = Steering(self.state, lambda: self.config.destinations)  # pause, cancel
 
     # --- what the supervisor reads ------------------------------------------------------
     def watching(self) -> tuple[int, int]:
@@ -96,6 +82,10 @@ class Daemon:
     def settling(self) -> int:
         # a claim's own rename touches the drop once more: count only what is still there
         return sum(os.path.lexists(ref.path) for ref in self.tracker.pending())
+
+    def paused(self) -> dict[str, Hold]:
+        """Destinations that send nothing now: paused, or outside their send window."""
+        return self.steering.holds
 
     def named(self, drop_id: str) -> DropName | None:
         drop = self.drops.get(drop_id)
@@ -117,6 +107,7 @@ class Daemon:
         log_warnings(self.config)
         self.prepare()
         warn_if_links_unprotected()
+        self.steering.refresh()  # a pause made while stopped holds from the first drop
         for inbox in self.config.inboxes:
             self.adopt_inbox(inbox)
         self.settling_record.update(self.tracker.pending())  # and what a crash left is gone
@@ -175,6 +166,7 @@ class Daemon:
                 if self.reload_requested.is_set():
                     self.reload()
                 self.tick(time.monotonic())
+                self.steering.tick(self.lanes, self.deliver)
                 self.supervisor.tick(time.monotonic())
                 self.ops.tick(time.monotonic())
                 self.settling_record.update(self.tracker.pending())
@@ -275,9 +267,12 @@ class Daemon:
     def _submit(self, drop: ClaimedDrop) -> None:
         self.drops[drop.id] = drop
         destination = self.pipeline.destination_of(drop) or UNROUTED
+        if destination != UNROUTED:  # `status` names it (and its pause) before any attempt
+            self.state.drop_destination(drop.id, destination)
         lane = self.lanes.get(destination)
         if lane is None:
-            lane = self.lanes[destination] = Lane(destination, self.deliver, self.stop)
+            lane = self.lanes[destination] = Lane(destination, self.deliver, self.stop,
+                                                  lambda: self.steering.held(destination))
             lane.start()
         lane.put(drop)
 
@@ -291,18 +286,22 @@ class Daemon:
             wait=wait_exponential_jitter(initial=policy.initial_backoff, max=policy.max_backoff,
                                          jitter=policy.initial_backoff),
             retry=retry_if_exception_type(TransientFailure),
-            sleep=lambda seconds: self._sleep(drop, seconds),
+            sleep=lambda seconds: self._sleep(drop, destination, seconds),
             before_sleep=lambda state: self._destination_down(destination, state, drop),
             reraise=True,
         )
         with self.pipelines_lock:  # a drop keeps the config it started with
             pipeline = self.pipeline_of[drop.id] = self.pipeline
         try:
-            retrying(pipeline.process, drop)
+            retrying(self.steering.attempt, pipeline, drop, destination)
         except TransientFailure as exc:
-            attempts = len(self.state.attempts(drop.id))
+            attempts = len(counted(self.state.attempts(drop.id)))
             return self._finish_anyway(pipeline, drop,
                                        f"gave up after {attempts} attempt(s): {exc}")
+        except Halted:
+            if reason := self.steering.cancelled(drop.id):
+                return self._finish_anyway(pipeline, drop, reason)
+            return False  # paused: the lane holds it (and the rest) until the pause ends
         except Interrupted:
             return False
         except FinishError as exc:
@@ -332,10 +331,12 @@ class Daemon:
     def _finish_anyway(self, pipeline: Pipeline, drop: ClaimedDrop, reason: str) -> bool:
         try:
             pipeline.process(drop, give_up=reason)
-        except (FinishError, Interrupted) as exc:
+        except (FinishError, Interrupted, TransientFailure) as exc:  # e.g. failed/ is full
             named = pipeline.named(drop)
             with named.scope():
                 self.log.error("finish failed", **named.fields(), reason=str(exc))
+        else:
+            self.drops.pop(drop.id, None)  # finished: no longer waiting (STATUS=, busy)
         return True
 
     def _policy(self, destination: str) -> RetryPolicy:
@@ -344,14 +345,14 @@ class Daemon:
 
     def _gave_up(self, drop: ClaimedDrop, policy: RetryPolicy, _: RetryCallState) -> bool:
         # counted from the state database, so restarts don't reset the clock
-        attempts = self.state.attempts(drop.id)
+        attempts = counted(self.state.attempts(drop.id))
         first = attempts[0].started if attempts else time.time()
         return len(attempts) >= policy.max_attempts or time.time() - first >= policy.give_up_after
 
-    def _sleep(self, drop: ClaimedDrop, seconds: float) -> None:
+    def _sleep(self, drop: ClaimedDrop, destination: str, seconds: float) -> None:
         # waiting to retry is not a stuck worker: out of the watchdog's sight meanwhile
         self.last_activity.pop(drop.id, None)
-        stopped = self.stop.wait(seconds)
+        stopped = self.steering.wait(self.stop, seconds, drop.id, destination)
         self.last_activity[drop.id] = time.monotonic()
         if stopped:
             raise Interrupted("stopped while waiting to retry")
@@ -397,6 +398,7 @@ class Daemon:
         longest = max((getattr(d, "dimse_timeout", 30.0) for d in destinations), default=30.0)
         for lane in self.lanes.values():
             lane.join(timeout=longest + 5)
+        self.steering.join(timeout=longest + 5)
         for pipeline in [*self.retired, self.pipeline]:
             pipeline.close()  # e.g. log out of XNAT
         self.ops.stop()  # notices of drops finished just now still go out

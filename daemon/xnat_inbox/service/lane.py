@@ -19,12 +19,17 @@ Deliver = Callable[[ClaimedDrop, str], bool]
 class Lane(threading.Thread):
     """Delivers one destination's drops one after the other, in the order they were claimed."""
 
-    def __init__(self, destination: str, deliver: Deliver, stop: threading.Event) -> None:
+    def __init__(self, destination: str, deliver: Deliver, stop: threading.Event,
+                 held: Callable[[], object] = lambda: None) -> None:
         super().__init__(name=f"lane {destination}", daemon=True)
         self.destination = destination
         self.deliver = deliver
         self.stop = stop
+        #: something (a pause, the send window) while the destination may not send: its drops
+        #: wait in order, the first one is not even started
+        self.held = held
         self.queue: deque[ClaimedDrop] = deque()
+        self.current: ClaimedDrop | None = None  # the drop being delivered now
         self.wakeup = threading.Condition()
 
     def put(self, drop: ClaimedDrop) -> None:
@@ -36,16 +41,28 @@ class Lane(threading.Thread):
         with self.wakeup:
             self.wakeup.notify()
 
+    def take(self, drop_id: str) -> ClaimedDrop | None:
+        """Take a waiting drop out of line (it was cancelled); None when it is not waiting
+        here, or being delivered now (its delivery sees the cancel itself)."""
+        with self.wakeup:
+            for drop in self.queue:
+                if drop.id == drop_id and drop is not self.current:
+                    self.queue.remove(drop)
+                    return drop
+        return None
+
     def __len__(self) -> int:
         return len(self.queue)
 
     def run(self) -> None:
         while not self.stop.is_set():
             with self.wakeup:
-                if not self.queue:
+                if not self.queue or self.held():
                     self.wakeup.wait(timeout=IDLE_TICK_SECONDS)
                     continue
-                drop = self.queue[0]
-            if self.deliver(drop, self.destination):
-                with self.wakeup:
+                drop = self.current = self.queue[0]
+            delivered = self.deliver(drop, self.destination)
+            with self.wakeup:
+                self.current = None
+                if delivered:
                     self.queue.popleft()

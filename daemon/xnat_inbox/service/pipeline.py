@@ -44,10 +44,13 @@ from ..routing.deidentify import prepare as deidentify
 from ..routing.route import Route, RoutedStudy, RouteError, resolve_route, route_study
 from ..senders.base import Delivery, InstanceOutcome, Sender
 from ..senders.registry import make_sender
-from .state import Memo, State
+from .memo import Memo
+from .state import State
 
 #: called with (drop id, instances done, instances to send) as a study is sent
 Progress = Callable[[str, int, int], None]
+#: why a drop must stop sending at the next instance (paused, cancelled), or None
+Halt = Callable[[], str | None]
 #: reads of one drop that may cost a scan worker (or the daemon) its life before the drop is
 #: set aside unread; counted in the state database, so restarts don't reset them
 READ_FAILURES_ALLOWED = 3
@@ -70,6 +73,10 @@ class TransientFailure(Exception):
 
 class Interrupted(Exception):
     """Stopped on request mid-send; the drop stays in the work area and resumes later."""
+
+
+class Halted(Interrupted):
+    """Stopped mid-send by an operator (a pause, a cancel): not a failure, no attempt counted."""
 
 
 def set_aside(failures: list[str]) -> str:
@@ -128,10 +135,11 @@ class Pipeline:
         return DropName(drop.id, str(drop.inbox.path), drop.relative_origin, drop.name, read,
                         self.phi_by_drop.get(drop.id))
 
-    def process(self, drop: ClaimedDrop, give_up: str | None = None) -> Path:
+    def process(self, drop: ClaimedDrop, give_up: str | None = None,
+                halt: Halt | None = None) -> Path:
         """One attempt: deliver what is missing and finish, or raise TransientFailure /
         Interrupted leaving the drop in place. With `give_up`, send nothing and finish as
-        failed with that reason."""
+        failed with that reason. `halt` says when to stop at the next instance (Halted)."""
         if finish_pending(drop):  # decided and recorded earlier; only the move is left to do
             try:
                 target = complete_finish(drop)
@@ -172,7 +180,7 @@ class Pipeline:
                 try:
                     with holding(i.root for study in scan.studies.values()
                                  for i in study.instances if i.root is not None):
-                        self._deliver(drop, report, log, give_up, route)
+                        self._deliver(drop, report, log, give_up, route, halt)
                 except (TransientFailure, Interrupted) as exc:
                     self.state.end_attempt(drop.id, attempt, type(exc).__name__, str(exc))
                     raise
@@ -261,6 +269,7 @@ class Pipeline:
         self.state.end_attempt(drop.id, attempt, outcome, "; ".join(reasons))
         report.attempts = [a.as_dict() for a in self.state.attempts(drop.id)]
         finished = datetime.now().astimezone()
+        self.state.record_summary(drop.id, *report.summary(), reasons[0] if reasons else None)
         try:
             target = plan_target(drop, report.ok, finished)
             log.info("finished", stage="finish", outcome=outcome, moved_to=str(target),
@@ -275,7 +284,7 @@ class Pipeline:
         return target
 
     def _deliver(self, drop: ClaimedDrop, report: DropReport, log: BoundLogger,
-                 give_up: str | None, route: Route | RouteError) -> None:
+                 give_up: str | None, route: Route | RouteError, halt: Halt | None) -> None:
         scan = report.scan
         assert scan is not None
         if isinstance(route, RouteError):
@@ -310,7 +319,7 @@ class Pipeline:
         count = DropCount(total)
         for result in report.studies:
             if not result.delivered_earlier:
-                self._send(drop, result, log, give_up, count)
+                self._send(drop, result, log, give_up, count, halt)
         retry = [r for r in report.studies if r.verdict and r.verdict.transient]
         if retry and not give_up and not any(r.blocked for r in report.studies):
             raise TransientFailure("; ".join(reason for r in retry for reason in r.reasons))
@@ -319,7 +328,7 @@ class Pipeline:
             report.reasons.append(_unusable(broken))
 
     def _send(self, drop: ClaimedDrop, result: StudyResult, log: BoundLogger,
-              give_up: str | None, count: DropCount) -> None:
+              give_up: str | None, count: DropCount, halt: Halt | None) -> None:
         routed = result.routed
         log.info("routed", stage="route", study=routed.study.uid, destination=routed.destination,
                  labels=routed.routing_value or None, series=len(routed.included),
@@ -333,7 +342,7 @@ class Pipeline:
                               total=count.total)
         count.done += len(earlier)
         if pending and not give_up:
-            delivery = self._send_pending(drop, routed, pending, count)
+            delivery = self._send_pending(drop, routed, pending, count, halt)
             if self.hooks:
                 self.hooks.sent(routed.destination, delivery)
         else:
@@ -345,6 +354,10 @@ class Pipeline:
                  stored=delivery.stored, of=len(routed.instances), earlier=len(earlier),
                  seconds=round(delivery.seconds, 2), error=delivery.error)
         if delivery.interrupted:
+            why = halt() if halt and not self.stop.is_set() else None
+            if why:
+                raise Halted(f"{why}: stopped after {delivery.stored} of "
+                             f"{len(routed.instances)} instance(s)")
             raise Interrupted(f"stopped after {delivery.stored} of {len(routed.instances)} "
                               "instance(s); resumes at the next start")
         log.info("verified", stage="verify", study=routed.study.uid,
@@ -359,7 +372,7 @@ class Pipeline:
                 if sop in ours}
 
     def _send_pending(self, drop: ClaimedDrop, routed: RoutedStudy, pending: list[Instance],
-                      count: DropCount) -> Delivery:
+                      count: DropCount, halt: Halt | None) -> Delivery:
         done_before = count.done
 
         def on_instance(instance: Instance, outcome: InstanceOutcome) -> None:
@@ -377,8 +390,11 @@ class Pipeline:
             if self.progress:
                 self.progress(drop.id, done_before + files, count.total)
 
-        return self.sender(routed.destination).send(routed, pending, on_instance,
-                                                    self.stop.is_set, on_progress=on_progress)
+        def should_stop() -> bool:
+            return self.stop.is_set() or (halt is not None and halt() is not None)
+
+        return self.sender(routed.destination).send(routed, pending, on_instance, should_stop,
+                                                    on_progress=on_progress)
 
     def close(self) -> None:
         """Let every sender end its sessions (e.g. log out of XNAT)."""

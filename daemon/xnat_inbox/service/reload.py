@@ -103,6 +103,22 @@ def log_reloaded(config: SiteConfig) -> None:
     log_warnings(config)
 
 
+#: the kernel's guard against hard links to files the linking user can't read (Debian: 1)
+PROTECTED_HARDLINKS = Path("/proc/sys/fs/protected_hardlinks")
+
+
+def warn_if_links_unprotected() -> None:
+    """Symbolic links are never followed, but a hard link is the file itself: inbox users
+    could link a file they can't read into a drop if the kernel let them."""
+    try:
+        unprotected = PROTECTED_HARDLINKS.read_text().strip() == "0"
+    except OSError:
+        return
+    if unprotected:
+        log.warning("the kernel lets users hard-link files they can't read into an inbox: set "
+                    "fs.protected_hardlinks=1 (sysctl)", setting=str(PROTECTED_HARDLINKS))
+
+
 def log_warnings(config: SiteConfig) -> None:
     """What `check` warns about, in the journal at start and after a reload."""
     for warning in config.warnings():

@@ -1,6 +1,8 @@
 """Durable state under state_dir: each drop's stage, each instance's outcome per destination,
 every attempt, destinations' health, pending retry requests, reads of a drop that cost a
-scan worker (or the daemon) its life, and the drops settling now (SQLite, WAL, one writer).
+scan worker (or the daemon) its life, the drops settling now, destinations paused and drops
+cancelled by an operator, and a summary of each finished drop for `history` (SQLite, WAL,
+one writer).
 
 The work area on disk is the truth about which drops exist; this database only remembers how
 far each got. A corrupt or missing database is set aside and started afresh: drops are then
@@ -13,7 +15,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +25,7 @@ from typing import Any
 from ..logs import get_logger
 
 DB_NAME = "state.db"
-SCHEMA_VERSION = 3  # 2: reads; 3: settling
+SCHEMA_VERSION = 4  # 2: reads; 3: settling; 4: pauses, cancels, finished drops' summaries
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS drops (
     id TEXT PRIMARY KEY, inbox TEXT NOT NULL, origin TEXT NOT NULL, name TEXT NOT NULL,
@@ -60,7 +62,13 @@ CREATE TABLE IF NOT EXISTS own_folders (
 CREATE TABLE IF NOT EXISTS settling (
     inbox TEXT NOT NULL, drop_path TEXT NOT NULL, seen REAL NOT NULL,
     PRIMARY KEY (inbox, drop_path));
+CREATE TABLE IF NOT EXISTS pauses (
+    destination TEXT PRIMARY KEY, reason TEXT, until REAL, by TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS cancels (drop_id TEXT PRIMARY KEY, by TEXT NOT NULL, at REAL NOT NULL);
 """
+#: columns added to `drops` by version 4: what `history` lists of a finished drop
+SUMMARY = {"studies": "INTEGER", "instances": "INTEGER", "bytes": "INTEGER", "seconds": "REAL",
+           "first_reason": "TEXT"}
 #: why a read that began was never seen to end: the daemon itself died reading the drop
 DIED_READING = "the daemon stopped while reading it"
 
@@ -113,6 +121,8 @@ class State:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(SCHEMA)
+            if db.execute("PRAGMA user_version").fetchone()[0] < 4:
+                _add_summary_columns(db)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("SELECT count(*) FROM drops").fetchone()
         except sqlite3.DatabaseError:
@@ -154,6 +164,20 @@ class State:
                                   ("outcome", outcome), ("target", target)):
                 if value is not None:
                     db.execute(f"UPDATE drops SET {column}=? WHERE id=?", (value, drop_id))
+            if stage == "finished":  # a cancel asked for too late is moot
+                db.execute("DELETE FROM cancels WHERE drop_id=?", (drop_id,))
+
+    def drop_destination(self, drop_id: str, destination: str) -> None:
+        with self._write() as db:
+            db.execute("UPDATE drops SET destination=? WHERE id=?", (destination, drop_id))
+
+    def record_summary(self, drop_id: str, studies: int, instances: int, sent_bytes: int,
+                       seconds: float, first_reason: str | None) -> None:
+        """What `history` shows of the drop, recorded as its outcome is decided."""
+        with self._write() as db:
+            db.execute("UPDATE drops SET studies=?, instances=?, bytes=?, seconds=?, "
+                       "first_reason=? WHERE id=?",
+                       (studies, instances, sent_bytes, seconds, first_reason, drop_id))
 
     # --- instances ----------------------------------------------------------------------
     def record_instance(self, drop_id: str, destination: str, study_uid: str, sop_uid: str,
@@ -333,6 +357,17 @@ class State:
         keys = ("inbox", "origin", "outcome", "target", "at")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
+    def history(self, since: float) -> list[dict[str, Any]]:
+        """Drops finished since `since` (epoch), the oldest first, with their summaries."""
+        keys = ("id", "inbox", "origin", "outcome", "destination", "target", "at", *SUMMARY)
+        # a drop refused before sending has no destination of its own: its route's, if any
+        rows = self._read(
+            "SELECT d.id, d.inbox, d.origin, d.outcome, coalesce(d.destination, (SELECT "
+            "a.destination FROM attempts a WHERE a.drop_id=d.id ORDER BY a.number DESC LIMIT 1)), "
+            f"d.target, d.updated_at, {', '.join('d.' + c for c in SUMMARY)} FROM drops d "
+            "WHERE d.stage='finished' AND d.updated_at >= ? ORDER BY d.updated_at", since)
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
     def health(self) -> dict[str, dict[str, Any]]:
         """Each destination's health as last recorded, with its last delivery (epoch)."""
         delivered = dict(self._read("SELECT destination, max(updated_at) FROM drops WHERE "
@@ -347,39 +382,12 @@ class State:
         return found
 
 
-class Memo(MutableMapping[str, str]):
-    """A sender's small durable notes (e.g. an XNAT prearchive entry already uploaded), so a
-    retry after a restart continues where the last attempt stopped."""
-
-    def __init__(self, state: State, scope: str) -> None:
-        self.state = state
-        self.scope = scope
-
-    def __getitem__(self, key: str) -> str:
-        rows = self.state._read("SELECT value FROM memos WHERE scope=? AND key=?",
-                                self.scope, key)
-        if not rows:
-            raise KeyError(key)
-        return str(rows[0][0])
-
-    def __setitem__(self, key: str, value: str) -> None:
-        with self.state._write() as db:
-            db.execute("INSERT OR REPLACE INTO memos VALUES (?, ?, ?)", (self.scope, key, value))
-
-    def __delitem__(self, key: str) -> None:
-        with self.state._write() as db:
-            gone = db.execute("DELETE FROM memos WHERE scope=? AND key=?",
-                              (self.scope, key)).rowcount
-        if not gone:
-            raise KeyError(key)
-
-    def __iter__(self) -> Iterator[str]:
-        rows = self.state._read("SELECT key FROM memos WHERE scope=?", self.scope)
-        return iter([str(row[0]) for row in rows])
-
-    def __len__(self) -> int:
-        return int(self.state._read("SELECT count(*) FROM memos WHERE scope=?",
-                                    self.scope)[0][0])
+def _add_summary_columns(db: sqlite3.Connection) -> None:
+    """Version 4: a finished drop's summary in `drops` (older rows keep NULLs)."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(drops)")}
+    for column, kind in SUMMARY.items():
+        if column not in have:
+            db.execute(f"ALTER TABLE drops ADD COLUMN {column} {kind}")
 
 
 def _iso(epoch: float) -> str:

@@ -15,6 +15,7 @@ from ..config import SiteConfig
 from ..intake.claim import ClaimedDrop
 from ..logs import DropName, get_logger
 from .notify import Notifier
+from .pause import Hold
 
 SEPARATOR = " · "
 #: recount today's reports this often even when no drop finished (the date may change)
@@ -68,6 +69,10 @@ class Supervised(Protocol):
     def last_activity(self) -> Mapping[str, float]: ...  # drop id -> last progress (monotonic)
     @property
     def progress(self) -> Mapping[str, tuple[int, int]]: ...  # drop id -> (sent, to send)
+
+    def paused(self) -> Mapping[str, Hold]:
+        """Destinations that send nothing now: paused, or outside their send window."""
+        ...
 
     def watching(self) -> tuple[int, int]:
         """Inboxes watched, and how many of them by polling."""
@@ -140,7 +145,8 @@ class Supervisor:
 
     # --- the STATUS line ----------------------------------------------------------------
     def status_line(self, now: float) -> str:
-        """e.g. "3 inboxes · 2 waiting · sending MR_0042 412/980 · 4 done, 1 failed today"."""
+        """e.g. "3 inboxes · 2 waiting · sending MR_0042 412/980 · xnat-web paused (upgrade)
+        until 2026-12-08 07:00 · 4 done, 1 failed today"."""
         daemon = self.daemon
         parts = [inboxes(*daemon.watching())]
         in_flight = set(daemon.drops)
@@ -150,6 +156,8 @@ class Supervisor:
             parts.append(f"{waiting} waiting")
         for drop_id in sorted(started):
             parts.append(self._describe(drop_id))
+        for name, hold in sorted(daemon.paused().items()):
+            parts.append(f"{name} {hold.describe(short=True)}")
         done, failed = self._finished_today(frozenset(in_flight), now)
         parts.append(f"{done} done, {failed} failed today")
         if self.note:
