@@ -114,7 +114,9 @@ def test_status_masks_a_drop_folder_named_after_the_patient(tmp_path, notify, se
 def test_a_stuck_worker_stops_the_watchdog_until_it_moves_again(tmp_path, notify, service,
                                                                  inprocess_scp, gate):
     held = gate(1)
-    config, (inbox,) = site(tmp_path, inprocess_scp(status_for=held), hung_worker_seconds=1)
+    # 3 s, not 1: on a loaded machine reading the drop can take a second, and a drop still
+    # being read is named by its id only
+    config, (inbox,) = site(tmp_path, inprocess_scp(status_for=held), hung_worker_seconds=3)
     process = service(config, env={"WATCHDOG_USEC": "200000"})
     start = len(notify.messages)
 
