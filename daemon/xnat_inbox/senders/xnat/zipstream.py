@@ -299,7 +299,7 @@ def _transformed(member: Member) -> tuple[list[bytes | memoryview], datetime]:
             if member.transform is not None:
                 member.transform(dataset)
             check_decodable(dataset)
-            data = _encoded(dataset, decoded)
+            data = _encoded(dataset, decoded, member.converted)
     except OSError as exc:
         raise LocalFileError(f"cannot read {member.name}: {exc.strerror}") from None
     except (ElementTooLarge, TranscodeRefused) as exc:
@@ -322,9 +322,11 @@ def _converted(member: Member, dataset: Dataset) -> Decoded | None:
     return decoded
 
 
-def _encoded(dataset: Dataset, decoded: Decoded | None) -> list[bytes | memoryview]:
-    """A Part 10 file of the dataset: its bytes, with decoded pixel data as its own piece."""
-    if decoded is None:
+def _encoded(dataset: Dataset, decoded: Decoded | None, converted: bool
+             ) -> list[bytes | memoryview]:
+    """A Part 10 file of the dataset: in its own syntax, or converted to Explicit VR Little
+    Endian (pydicom's save_as won't turn big endian into little), decoded pixel data apart."""
+    if not converted:
         buffer = io.BytesIO()
         dataset.save_as(buffer, enforce_file_format=True)
         return [buffer.getvalue()]
@@ -335,6 +337,8 @@ def _encoded(dataset: Dataset, decoded: Decoded | None) -> list[bytes | memoryvi
     body.is_little_endian, body.is_implicit_VR = True, False
     write_dataset(body, dataset)
     encoded = body.getvalue()
+    if decoded is None:
+        return [meta.getvalue() + encoded]
     cut = tail_offset(encoded, dataset.keys(), PIXEL_DATA, False, True)
     pixels = decoded.pixels
     return [meta.getvalue() + encoded[:cut]
