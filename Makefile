@@ -53,6 +53,7 @@ bench: $(TEST_STAMP) system-deps
 	$(BIN)/python bench/rest.py
 	$(BIN)/python bench/watch.py
 	$(BIN)/python bench/backlog.py
+	$(BIN)/python bench/transcode.py
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check daemon tests bench

@@ -11,7 +11,8 @@ from tests.daemon_runner import DaemonProcess
 from tests.fake_xnat import FakeXnat
 from tests.peers import InProcessSCP, Orthanc, StoreSCP
 
-pytest_plugins = ["tests.systemd_support", "tests.security_support"]  # their fixtures
+# their fixtures
+pytest_plugins = ["tests.systemd_support", "tests.security_support", "tests.transcode_corpus"]
 
 
 @pytest.fixture(autouse=True)

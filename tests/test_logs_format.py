@@ -58,13 +58,15 @@ def test_console_lines_leave_out_fields_that_say_nothing(output):
 def test_console_shortens_uids_and_json_keeps_them(output):
     configure("console", log_phi=True, stream=output)  # log_phi: the StudyInstanceUID itself
     get_logger().info("routed", study=UID, reason=f"instance {UID}.7 refused",
-                      syntax="1.2.840.10008.1.2.1", other="1.2.840.113619.2.55.3.604688119.4711")
+                      syntax="1.2.840.10008.1.2.1", other="1.2.840.113619.2.55.3.604688119.4711",
+                      refused="MR Image Storage (1.2.840.10008.5.1.4.1.1.4) in JPEG 2000")
     (line,) = lines(output)
     assert UID not in line
     assert "study=1.2.826…950580 " in line  # its root and its last digits
     assert "instance 1.2.826…7 refused" in line
     assert "syntax=1.2.840.10008.1.2.1" in line  # short ones stay whole
     assert "other=1.2.840…4711" in line
+    assert "(1.2.840.10008.5.1.4.1.1.4)" in line  # the standard's UIDs are looked up: whole
 
     json_out = io.StringIO()
     configure("json", log_phi=True, stream=json_out)

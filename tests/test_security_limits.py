@@ -216,8 +216,10 @@ def test_check_and_explain_show_the_limits_and_the_route_that_breaks_them(tmp_pa
 def test_an_inbox_without_allow_is_noted_by_check(tmp_path):
     config = site(tmp_path)
     lines, _ = check(config)
-    assert f"note {config.source} inboxes[0] has no allow: a route.yaml there may send to any " \
-           "destination and project (overwrite up to append)" in lines
+    assert f"note {config.source} inboxes[0] has no allow: any route.yaml in this inbox may " \
+           "send to any destination and project, and merge into existing XNAT sessions " \
+           "(overwrite: append); where other people write route files, limit them with " \
+           "allow: (docs/configuration.md, Inboxes)" in lines
 
 
 # --- end to end: the attacker's route.yaml on a lab share, the real daemon -----------------

@@ -110,7 +110,7 @@ def test_polling_touches_new_drops_nested_writes_and_route_folders(inbox, watche
     (inbox.path / "Proj" / "S1").mkdir()
     watched.wait_for(DropRef(inbox, inbox.path, "Proj"))
     (inbox.path / "Proj" / "route.yaml").write_text("project: P\n")
-    watched.wait_for(DropRef(inbox, inbox.path / "Proj", None))  # its children are drops now
+    watched.wait_for(DropRef(inbox, inbox.path / "Proj", "S1"))  # its children are drops now
     (inbox.path / "Proj" / "S1" / "x.dcm").write_bytes(b"x")
     watched.wait_for(DropRef(inbox, inbox.path / "Proj", "S1"))
 

@@ -368,12 +368,14 @@ def unnamed_own_logger(_: Any, __: str,
 #: a DICOM UID long enough to be worth shortening: digits in five or more dotted components
 _UID = re.compile(r"(?<![\w.])[0-2](?:\.\d+){4,}(?![\w])")
 SHORT_UID = 24
+DICOM_ROOT = "1.2.840.10008."
 
 
 def short_uid(uid: str) -> str:
     """`1.2.840.113619.2.55.3.604688119.4711` → `1.2.840…4711`: its root and its last digits,
-    enough to tell the studies and instances of one drop apart on a console line."""
-    if len(uid) <= SHORT_UID:
+    enough to tell the studies and instances of one drop apart on a console line. The
+    standard's own UIDs (SOP classes, transfer syntaxes) stay whole: a reader looks them up."""
+    if len(uid) <= SHORT_UID or uid.startswith(DICOM_ROOT):
         return uid
     parts = uid.split(".")
     return f"{'.'.join(parts[:3])[:12]}…{parts[-1][-6:]}"

@@ -166,8 +166,10 @@ def check(config: SiteConfig) -> tuple[list[str], bool]:
             ok = False
             continue
         if "allow" not in inbox.model_fields_set:
-            lines.append(f"note {inbox.config_key} has no allow: a route.yaml there may send to "
-                         "any destination and project (overwrite up to append)")
+            lines.append(f"note {inbox.config_key} has no allow: any route.yaml in this inbox "
+                         "may send to any destination and project, and merge into existing XNAT "
+                         "sessions (overwrite: append); where other people write route files, "
+                         "limit them with allow: (docs/configuration.md, Inboxes)")
         broken = set()
         for route_file in route_files(inbox):
             problems = _route_file_problems(route_file, names, inbox)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 
-from ..config import WORK_PARTS, InboxConfig
+from ..config import ROUTE_FILE, WORK_PARTS, InboxConfig
 from ..fsops import (
     PRIVATE_DIR_MODE,
     TrustedPath,
@@ -46,6 +46,10 @@ log = get_logger(step="claim")
 
 class ClaimError(Exception):
     """The drop could not be moved into the work area; it stays where it is."""
+
+
+class NotADrop(ClaimError):
+    """The folder holds a route.yaml now: a routing folder, not a drop; its children are."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,22 @@ def _claimable(folder_fd: int, ref: DropRef, own: Collection[Identity]) -> list[
     if (info.st_dev, info.st_ino) in own and info.st_uid == os.geteuid():
         raise UnsafePath(0, "this is one of the daemon's own folders (done/, failed/ or "
                          ".xnat-inbox/), renamed: not a drop; rename it back", str(ref.path))
+    if stat.S_ISDIR(info.st_mode) and _holds_route_file(folder_fd, ref):
+        raise NotADrop(f"{ref} holds a {ROUTE_FILE}: a routing folder, not a drop")
     return [ref.name]
+
+
+def _holds_route_file(folder_fd: int, ref: DropRef) -> bool:
+    """Whether the folder drop has a route.yaml (of any kind but a folder) at its top: one that
+    arrived after it settled makes it a routing folder, which is never claimed."""
+    if ref.name is None:
+        return False
+    try:
+        with held(open_entry(folder_fd, ref.name, ref.path, directory=True)) as drop:
+            info = os.stat(ROUTE_FILE, dir_fd=drop, follow_symlinks=False)
+    except OSError:  # none there, or unreadable: the rename decides
+        return False
+    return not stat.S_ISDIR(info.st_mode)
 
 
 def _move_in(folder_fd: int, names: list[str], area: int, drop: ClaimedDrop) -> None:

@@ -84,6 +84,9 @@ class SettleTracker:
     """Holds the touched drops; `due(now)` hands out those that settled."""
 
     settle_seconds: Callable[[DropRef], float]
+    #: told of a folder drop that turned out to be a routing folder (a route.yaml arrived in
+    #: it): its children are the drops now, to be found
+    became_routing_folder: Callable[[DropRef], None] = lambda ref: None
     drops: dict[DropRef, _Watch] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -126,7 +129,8 @@ class SettleTracker:
         if watch is None:
             return None
         if ref.name is not None and is_routing_folder(ref.path):
-            return False  # became a routing folder: its children are the drops
+            self.became_routing_folder(ref)
+            return False
         marker = ref.inbox.ready_marker
         if marker and ref.name is not None and os.path.lexists(ref.path / marker):
             return snapshot(ref) is not None

@@ -75,13 +75,22 @@ def is_candidate(name: str) -> bool:
     return not name.startswith(".") and name != ROUTE_FILE
 
 
-def drop_for_path(inbox: InboxConfig, path: Path) -> DropRef | None:
-    """The drop a changed path belongs to, or None for our own folders and non-drops."""
+def _parts_below(inbox: InboxConfig, path: Path) -> tuple[str, ...]:
+    """`path`'s parts below the inbox; none for the inbox itself, paths outside it and the
+    daemon's own folders (done/, failed/, .xnat-inbox/)."""
     try:
         parts = path.relative_to(inbox.path).parts
     except ValueError:
-        return None
-    if not parts or any(path == r or r in path.parents for r in inbox.reserved()):
+        return ()
+    if any(path == r or r in path.parents for r in inbox.reserved()):
+        return ()
+    return parts
+
+
+def drop_for_path(inbox: InboxConfig, path: Path) -> DropRef | None:
+    """The drop a changed path belongs to, or None for our own folders and non-drops."""
+    parts = _parts_below(inbox, path)
+    if not parts:
         return None
     folder = inbox.path
     for index, part in enumerate(parts):
@@ -100,6 +109,22 @@ def drop_for_path(inbox: InboxConfig, path: Path) -> DropRef | None:
             return DropRef(inbox, folder, part if archive else None)
         return DropRef(inbox, folder, part)
     return None  # a routing folder itself changed: its drops report their own events
+
+
+def routing_folder_at(inbox: InboxConfig, path: Path) -> Path | None:
+    """The routing folder below the inbox that `path` is (or whose route.yaml it is), reached
+    from the inbox through routing folders only; None for anything else."""
+    folder = path.parent if path.name == ROUTE_FILE else path
+    parts = _parts_below(inbox, folder)
+    if not parts:
+        return None
+    current = inbox.path
+    for part in parts:
+        current = current / part
+        if not is_candidate(part) or not os.path.isdir(current) or \
+                not is_routing_folder(current):
+            return None
+    return folder
 
 
 def routing_folders(inbox: InboxConfig, below: Path | None = None) -> Iterator[Path]:
@@ -191,6 +216,7 @@ class InboxWatcher(FileSystemEventHandler):
         self.reserved = {str(path) for path in inbox.reserved()}
         self.watches: dict[Path, ObservedWatch] = {}
         self.symlinks_noted: set[Path] = set()
+        self.routing: set[Path] = set()  # routing folders found so far (logged once each)
         self.lock = threading.Lock()
         self.observer: BaseObserver = (
             BaseObserver(partial(PruningPollingEmitter, skip=self._never_polled,  # type: ignore[arg-type]
@@ -201,9 +227,8 @@ class InboxWatcher(FileSystemEventHandler):
 
     def start(self) -> None:
         for folder in routing_folders(self.inbox):
-            for entry in os.scandir(folder):
-                if entry.is_symlink():
-                    self._note_symlink(Path(entry.path))
+            self.routing.add(folder)
+            self._note_symlinks(folder)
             if not self.polling:
                 self._watch(folder, recursive=False)
         if self.polling:
@@ -226,6 +251,54 @@ class InboxWatcher(FileSystemEventHandler):
         if watch is not None:
             with contextlib.suppress(KeyError, OSError):
                 self.observer.unschedule(watch)
+
+    def add_routing_folder(self, folder: Path) -> None:
+        """`folder` is a routing folder now (it arrived with its route.yaml, or one arrived in
+        it): watch it and every routing folder below it, then touch the drops already inside,
+        which may have arrived before any watch could report them."""
+        if routing_folder_at(self.inbox, folder) != folder:
+            return  # not one any more, or below a folder that is none
+        replaced: list[tuple[Path, ObservedWatch]] = []
+        for below in routing_folders(self.inbox, folder):  # each watched before it is listed
+            self._note_routing_folder(below)
+            if not self.polling:
+                with self.lock:  # watched as a drop (recursively) until now: flat from now on
+                    old = self.watches.get(below)
+                    if old is not None and old.is_recursive:
+                        replaced.append((below, self.watches.pop(below)))
+                self._watch(below, recursive=False)
+            self._note_symlinks(below)
+        drops = list(existing_drops(self.inbox, folder))
+        for ref in drops:
+            if not self.polling:
+                self._watch_drop(ref)
+        for below, old in replaced:  # only now: it reported its drops' writes until they had
+            with self.lock:          # watches of their own
+                keep = below not in self.watches
+                if keep:  # its flat watch could not be made
+                    self.watches[below] = old
+            if not keep:
+                with contextlib.suppress(KeyError, OSError):
+                    self.observer.unschedule(old)
+        for ref in drops:
+            self.on_touch(ref, 0.0)
+
+    def _note_routing_folder(self, folder: Path) -> None:
+        """Log a routing folder the first time it is found while the daemon runs."""
+        with self.lock:
+            if folder in self.routing:
+                return
+            self.routing.add(folder)
+        where = folder.relative_to(self.inbox.path)
+        with unchecked(*where.parts):  # folders may be named after the patient
+            log.info("routing folder found: its sub-folders, archives and loose files are drops",
+                     inbox=str(self.inbox.path), folder=str(where))
+
+    def _note_symlinks(self, folder: Path) -> None:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(folder):
+                if entry.is_symlink():
+                    self._note_symlink(Path(entry.path))
 
     def _note_symlink(self, path: Path) -> None:
         if path not in self.symlinks_noted:
@@ -255,21 +328,26 @@ class InboxWatcher(FileSystemEventHandler):
             return 0.0
         return now - max(mtime, since)
 
-    def _watch(self, path: Path, recursive: bool) -> None:
+    def _watch(self, path: Path, recursive: bool) -> bool:
+        """True when the watch is new."""
         with self.lock:
             if path in self.watches:
-                return
+                return False
             try:
                 self.watches[path] = self.observer.schedule(self, str(path), recursive=recursive)
             except OSError as exc:  # gone already, or out of inotify watches
                 with unchecked(self._drop_name(path)):
                     log.warning("cannot watch folder", folder=str(path), reason=exc.strerror)
+                return False
+            return True
 
-    def _watch_drop(self, ref: DropRef) -> None:
+    def _watch_drop(self, ref: DropRef) -> bool:
+        """True when a new watch was put on a drop folder."""
         if ref.name is not None and os.path.isdir(ref.path) and not os.path.islink(ref.path):
-            self._watch(ref.path, recursive=True)
-        elif ref.folder != self.inbox.path:
+            return self._watch(ref.path, recursive=True)
+        if ref.folder != self.inbox.path:
             self._watch(ref.folder, recursive=False)
+        return False
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in IGNORED_EVENTS:
@@ -294,16 +372,17 @@ class InboxWatcher(FileSystemEventHandler):
             if ref is not None and path.parent == ref.folder and os.path.islink(path):
                 self._note_symlink(path)
                 continue
-            if ref is None and path.name == ROUTE_FILE and path.parent != self.inbox.path:
-                # a route.yaml turns its folder into a routing folder: its children are drops
-                ref = DropRef(self.inbox, path.parent, None)
-                if not self.polling:
-                    for folder in routing_folders(self.inbox, path.parent):
-                        self._watch(folder, recursive=False)
-                    for child in existing_drops(self.inbox, path.parent):
-                        self._watch_drop(child)
             if ref is None:
+                # a folder that arrived with its route.yaml (cp -r, mv), or a route.yaml that
+                # arrived in a folder: a routing folder, whose children are the drops. Not
+                # for every change in it (a claim modifies it too), which would touch them all
+                folder = routing_folder_at(self.inbox, path)
+                if folder is not None and (path.name == ROUTE_FILE or event.event_type in
+                                           ("created", "moved")):
+                    self.add_routing_folder(folder)
                 continue
-            if not self.polling:
-                self._watch_drop(ref)
+            if not self.polling and self._watch_drop(ref) and is_routing_folder(ref.path):
+                # its route.yaml landed after the event was read, before the watch saw it
+                self.add_routing_folder(ref.path)
+                continue
             self.on_touch(ref, self._age(path))

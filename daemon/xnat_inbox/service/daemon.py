@@ -12,9 +12,9 @@ from pathlib import Path
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from ..config import InboxConfig, RetryPolicy, SiteConfig
-from ..intake.claim import ClaimedDrop, ClaimError, Identity, claim, claimed_drops
+from ..intake.claim import ClaimedDrop, ClaimError, Identity, NotADrop, claim, claimed_drops
 from ..intake.settle import SettleTracker, Snapshot, snapshot
-from ..intake.watch import DropRef, InboxWatcher, existing_drops, is_routing_folder
+from ..intake.watch import DropRef, InboxWatcher, existing_drops
 from ..logs import DropName, get_logger, set_log_phi, unchecked
 from ..outcome.finish import FinishError, reserve_recorded
 from ..reading.scan_workers import ScanWorkers
@@ -64,7 +64,8 @@ class Daemon:
         self.stop = stop or threading.Event()
         self.log = get_logger(step="service")
         self.state = State(config.state_dir)
-        self.tracker = SettleTracker(lambda ref: self.config.settle_for(ref.inbox))
+        self.tracker = SettleTracker(lambda ref: self.config.settle_for(ref.inbox),
+                                     lambda ref: self._watcher_of(ref).add_routing_folder(ref.path))
         self.scans = ScanWorkers(config.scan_processes, config.scan_memory_limit)
         self.pipeline = Pipeline(config, self.state, self._on_progress, self.stop,
                                  scans=self.scans, reading=self._on_reading)
@@ -238,15 +239,14 @@ class Daemon:
         now = time.monotonic()
         self.tracker.touch(ref, now - age, seen, now)
         self.wake.set()  # an idle loop ticks at once, then every TICK_SECONDS while it settles
-        if ref.name is None and ref.folder != ref.inbox.path and is_routing_folder(ref.folder):
-            # a route.yaml just made this a routing folder: what is in it are drops now
-            for child in existing_drops(ref.inbox, ref.folder):
-                self.tracker.touch(child, time.monotonic())
 
     def tick(self, now: float) -> None:
         for ref in self.tracker.due(now):
             try:
                 drop = claim(ref, own=self.own)
+            except NotADrop:  # its route.yaml arrived just now: its watcher finds its drops
+                self._watcher_of(ref).add_routing_folder(ref.path)
+                continue
             except ClaimError as exc:
                 if ref not in self.claim_failures:  # once per drop, not every quiet period
                     with unchecked(ref.name):
