@@ -1,6 +1,6 @@
 """Pixel data decoders for transcoding: pydicom with the pylibjpeg plugins against GDCM's wheel
-(python-gdcm), on the same files. Why the daemon decodes with pylibjpeg (docs/architecture.md,
-"Decoders").
+(python-gdcm), on the same files, and pyjpegls (CharLS) where it applies (JPEG-LS). Why the
+daemon decodes as it does (docs/architecture.md, "Decoders").
 
 Sources are synthetic 512x512 images (MR 16-bit with 12 stored, CT signed 16-bit, RGB 8-bit,
 8-bit monochrome, an 8-frame RGB cine), encoded by dcmtk (dcmcjpeg baseline, extended,
@@ -44,7 +44,7 @@ from pydicom.uid import (
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PLUGINS = ("pylibjpeg", "gdcm")
+PLUGINS = ("pylibjpeg", "gdcm", "pyjpegls")
 #: name -> (command, lossless); "openjpeg" is pydicom's compress with pylibjpeg-openjpeg
 ENCODERS = {
     "jpeg-baseline": (["dcmcjpeg", "+eb"], False),
@@ -151,7 +151,8 @@ def main() -> int:
     available = {plugin: _available(plugin) for plugin in PLUGINS}
     rows, totals = [], {p: {"decoded": 0, "lossless_exact": 0, "ms": 0.0} for p in PLUGINS}
     files = lossless_files = 0
-    both_ms = {p: 0.0 for p in PLUGINS}
+    both_ms = {p: 0.0 for p in PLUGINS}  # pylibjpeg and gdcm, over the files both decode
+    jpegls_ms = {p: 0.0 for p in PLUGINS}  # every plugin, over the JPEG-LS files
     with tempfile.TemporaryDirectory(prefix="decoders-") as tmp:
         folder = Path(tmp)
         made = sources(folder)
@@ -165,33 +166,41 @@ def main() -> int:
                 lossless_files += lossless
                 row = {"source": name, "encoder": encoder}
                 outputs = {}
+                syntax = dcmread(out, stop_before_pixels=True).file_meta.TransferSyntaxUID
                 for plugin in PLUGINS:
                     if not available[plugin]:
                         row[plugin] = "not installed"
+                        continue
+                    if plugin == "pyjpegls" and "JPEG-LS" not in syntax.name:
+                        row[plugin] = "n/a"
                         continue
                     ms, result, error = measure(out, plugin, args.reps)
                     if ms is None:
                         row[plugin] = f"fails: {error}"
                         continue
                     outputs[plugin] = result
+                    if "JPEG-LS" in syntax.name:
+                        jpegls_ms[plugin] += ms
                     totals[plugin]["decoded"] += 1
                     totals[plugin]["ms"] += ms
                     exact = lossless and np.array_equal(result.reshape(original.shape),
                                                         original)
                     totals[plugin]["lossless_exact"] += exact
                     row[plugin] = f"{ms:.2f} ms" + (" exact" if exact else "")
-                if len(outputs) == 2:
-                    for plugin in PLUGINS:
+                if "pylibjpeg" in outputs and "gdcm" in outputs:
+                    for plugin in ("pylibjpeg", "gdcm"):
                         both_ms[plugin] += float(row[plugin].split()[0])
-                    a, b = (outputs[p].astype(np.int64) for p in PLUGINS)
-                    row["agree"] = "yes" if a.shape == b.shape and np.array_equal(a, b) else (
-                        f"max diff {int(np.abs(a - b).max())}" if a.shape == b.shape
-                        else "shapes differ")
+                if len(outputs) > 1:
+                    first, *others = (outputs[p].astype(np.int64) for p in outputs)
+                    diffs = [int(np.abs(first - other).max()) if other.shape == first.shape
+                             else -1 for other in others]
+                    row["agree"] = "yes" if not any(diffs) else (
+                        "shapes differ" if -1 in diffs else f"max diff {max(diffs)}")
                 rows.append(row)
-    print(f"{'source':14} {'encoder':18} " + " ".join(f"{p:>28}" for p in PLUGINS) + "  agree")
+    print(f"{'source':14} {'encoder':18} " + " ".join(f"{p:>22}" for p in PLUGINS) + "  agree")
     for row in rows:
         print(f"{row['source']:14} {row['encoder']:18} "
-              + " ".join(f"{row.get(p, '')!s:>28.28}" for p in PLUGINS)
+              + " ".join(f"{row.get(p, '')!s:>22.22}" for p in PLUGINS)
               + f"  {row.get('agree', '')}")
     summary = {"bench": "decoders", "files": files, "lossless_files": lossless_files,
                "reps": args.reps}
@@ -201,12 +210,14 @@ def main() -> int:
                            "ms_where_both_decode": round(both_ms[plugin], 1)}
     if both_ms["pylibjpeg"]:
         summary["gdcm_over_pylibjpeg_time"] = round(both_ms["gdcm"] / both_ms["pylibjpeg"], 2)
+    summary["jpegls_ms"] = {p: round(ms, 1) for p, ms in jpegls_ms.items()}
     for plugin in PLUGINS:
         summary[plugin]["syntaxes"] = _syntaxes(plugin)
     for plugin in PLUGINS:
         print(f"{plugin}: decodes {totals[plugin]['decoded']} of {files} files "
               f"({totals[plugin]['lossless_exact']} of {lossless_files} lossless ones exactly); "
-              f"{both_ms[plugin]:.1f} ms for the files both decode")
+              f"{both_ms[plugin]:.1f} ms for the files pylibjpeg and gdcm both decode; "
+              f"{jpegls_ms[plugin]:.1f} ms for the JPEG-LS files")
     print(json.dumps(summary))
     return 0
 

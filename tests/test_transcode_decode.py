@@ -22,6 +22,7 @@ from xnat_inbox.senders.transcode import (
     decode,
     decoded_size,
     missing_decoder,
+    plugin_for,
     to_little_endian,
 )
 
@@ -121,6 +122,9 @@ def test_installed_decoders_cover_the_common_syntaxes():
                    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
                    "1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.5", ExplicitVRBigEndian):
         assert missing_decoder(syntax) is None, syntax
+    # JPEG-LS by CharLS (faster, same values), everything else by the pylibjpeg family
+    assert plugin_for("1.2.840.10008.1.2.4.80") == "pyjpegls"
+    assert plugin_for("1.2.840.10008.1.2.4.50") == "pylibjpeg"
 
 
 def test_big_endian_binary_values_are_swapped():
