@@ -500,7 +500,7 @@ class InProcessSCP:
     (0-based, in arrival order): e.g. 0xB000 warning, 0xA700 out of resources, 0xC000.
     With `require_called_aet`, associations addressed to another AE title are rejected.
     With `sop_classes`, only those storage SOP classes are accepted (a receiver that refuses
-    the others).
+    the others); with `transfer_syntaxes`, only those transfer syntaxes (a fixed list).
     """
 
     def __init__(
@@ -512,6 +512,7 @@ class InProcessSCP:
         status_for: StatusHook | None = None,
         keep_pixel_data: bool = True,
         sop_classes: Sequence[str] | None = None,
+        transfer_syntaxes: Sequence[str] | None = None,
     ) -> None:
         self.aet = require_called_aet or aet
         self.host = HOST
@@ -524,15 +525,17 @@ class InProcessSCP:
         self._accepted = 0
         self._rejected = 0
         self._released = 0
-        self._ae = self._make_ae(require_called_aet is not None, sop_classes)
+        self._ae = self._make_ae(require_called_aet is not None, sop_classes,
+                                 list(transfer_syntaxes or ALL_TRANSFER_SYNTAXES))
         self._server: Any = None
 
-    def _make_ae(self, require_called_aet: bool, sop_classes: Sequence[str] | None) -> AE:
+    def _make_ae(self, require_called_aet: bool, sop_classes: Sequence[str] | None,
+                 syntaxes: list[str]) -> AE:
         ae = AE(ae_title=self.aet)
         ae.require_called_aet = require_called_aet
         for context in AllStoragePresentationContexts:
             if sop_classes is None or context.abstract_syntax in sop_classes:
-                ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+                ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         return ae
 

@@ -41,10 +41,10 @@ def uncompressed_scp(tmp_path: Path) -> Iterator[StoreSCP]:
         yield peer
 
 
-def site(tmp_path: Path, peer: object) -> tuple[Path, Path]:
+def site(tmp_path: Path, peer: object, **destination: object) -> tuple[Path, Path]:
     inbox = tmp_path / "inbox"
     config = write_config(
-        tmp_path, {"scp": dicom_destination(peer, retry=PATIENT)},
+        tmp_path, {"scp": dicom_destination(peer, retry=PATIENT, **destination)},
         [{"path": str(inbox), "route": {"destination": "scp", **ROUTE}}],
         settle_seconds=SETTLE)
     return config, inbox
@@ -80,7 +80,8 @@ def compress(tool: str, path: Path) -> None:
 
 def test_refused_transfer_syntax_fails_its_drop_and_holds_no_other(tmp_path, uncompressed_scp,
                                                                     daemon):
-    config, inbox = site(tmp_path, uncompressed_scp)
+    # transcode: never, else the JPEG 2000 file would go out decoded (test_e2e_transcode.py)
+    config, inbox = site(tmp_path, uncompressed_scp, transcode="never")
     j2k = tmp_path / "src" / "J2K"
     j2k.mkdir(parents=True)
     shutil.copy(get_testdata_file("JPEG2000.dcm"), j2k / "IM0001.dcm")
@@ -109,7 +110,7 @@ def test_refused_transfer_syntax_fails_its_drop_and_holds_no_other(tmp_path, unc
 
 def test_mixed_drop_stores_what_is_accepted_and_fails_the_rest(tmp_path, uncompressed_scp,
                                                               daemon):
-    config, inbox = site(tmp_path, uncompressed_scp)
+    config, inbox = site(tmp_path, uncompressed_scp, transcode="never")
     session = write_session(tmp_path / "src" / "MIXED", series=(SeriesSpec("T1", 5),))
     compressed = session.files[1], session.files[3]
     compress("dcmcjpeg", compressed[0])  # JPEG lossless

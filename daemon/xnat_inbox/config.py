@@ -37,6 +37,9 @@ LABEL_KEYS = ("project", "subject", "session")
 #: the daemon's work area below each inbox (claimed drops)
 WORK_PARTS = (".xnat-inbox", "work")
 
+#: the most a transcoded instance's pixel data may take once decoded (transcode_max_bytes)
+TRANSCODE_MAX_BYTES = 2**30
+
 #: 1-16 printable ASCII characters, no backslash, not only spaces
 AETitle = Annotated[str, StringConstraints(
     min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")]
@@ -74,6 +77,12 @@ class DicomDestination(Strict):
         5.0, ge=0, le=600, description="seconds an association stays open after a drop for "
         "the next one (as Orthanc's DicomAssociationCloseDelay); 0: released at once")
     send_window: SendWindowText = None
+    transcode: Literal["when_refused", "never", "uncompressed"] = Field(
+        "when_refused", description="when_refused: each file in its own transfer syntax where "
+        "the receiver takes it, else decoded to an uncompressed one it takes; never: a refused "
+        "syntax fails those files; uncompressed: every file goes uncompressed")
+    transcode_max_bytes: int = Field(TRANSCODE_MAX_BYTES, gt=0, description="the largest "
+                                     "decoded pixel data an instance may have to be transcoded")
     retry: RetryPolicy = RetryPolicy()
 
 
@@ -100,6 +109,11 @@ class XnatDestination(Strict):
     study_zip_max_files: int = Field(100, ge=0, description="smaller studies go as one zip")
     compression: Literal["stored", "deflate"] = "stored"
     send_window: SendWindowText = None
+    # XNAT's importer reads the common compressed syntaxes: files go as they are by default
+    transcode: Literal["never", "uncompressed"] = Field(
+        "never", description="never: files as they are; uncompressed: compressed, big endian "
+        "and deflated files decoded to Explicit VR Little Endian in the zip")
+    transcode_max_bytes: int = Field(TRANSCODE_MAX_BYTES, gt=0)
     retry: RetryPolicy = RetryPolicy()
 
     @model_validator(mode="before")

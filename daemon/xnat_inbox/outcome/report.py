@@ -13,8 +13,10 @@ from .. import __version__
 from ..intake.claim import ClaimedDrop
 from ..logs import secrets_masked
 from ..reading.scan import Kind, ScanResult
+from ..reading.scanned import Series
 from ..routing.route import Route, RoutedStudy
 from ..senders.base import Delivery
+from ..senders.transcode import uid_name
 from .verify import Verdict
 
 #: a file the destination acknowledged before this attempt (or before `xnat-inbox retry`)
@@ -173,7 +175,23 @@ def _study(result: StudyResult) -> dict[str, Any]:
         "series": [
             {"number": series.number, "description": series.description,
              "modality": series.modality, "instances": len(series.instances),
-             "sent": reason is None, "excluded_because": reason}
+             "sent": reason is None, "excluded_because": reason,
+             **_sent_as(series, delivery)}
             for series, reason in [*((s, None) for s in routed.included), *routed.excluded]
         ],
     }
+
+
+def _sent_as(series: Series, delivery: Delivery | None) -> dict[str, Any]:
+    """The transfer syntaxes this attempt's stored instances of a series went out in (count
+    by syntax), and how many of them were converted from their file's own (transcoded)."""
+    sent: dict[str, int] = {}
+    converted = 0
+    for instance in series.instances:
+        outcome = delivery.outcomes.get(instance.sop_instance_uid) if delivery else None
+        if outcome is None or not outcome.stored or outcome.syntax is None:
+            continue
+        name = uid_name(outcome.syntax)
+        sent[name] = sent.get(name, 0) + 1
+        converted += outcome.syntax != instance.transfer_syntax
+    return {"sent_as": sent, "converted": converted}

@@ -12,6 +12,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 #: values longer than this are read only when asked for
 DEFER_BYTES = 64 * 1024
@@ -27,7 +28,13 @@ class ElementTooLarge(ValueError):
 def read_dataset(stream: BinaryIO, *, whole: bool = False) -> Dataset:
     """The header (with `whole`, the whole dataset) of the file open as `stream`, which must
     stay open while long values are read."""
+    start = stream.tell()
     dataset = dcmread(stream, force=True, stop_before_pixels=not whole, defer_size=DEFER_BYTES)
+    if dataset.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        # pydicom inflates the whole file into memory, and a deferred value's offset is one in
+        # the inflated data, not in this stream: read it again without deferring
+        stream.seek(start)
+        return dcmread(stream, force=True, stop_before_pixels=not whole)
     # pydicom reads a deferred value by opening the file's name again: from this stream instead
     dataset.filename, dataset.buffer = None, stream
     return dataset

@@ -24,6 +24,7 @@ class InstanceOutcome:
     status: int | None = None  # the DICOM status, where the protocol has one
     note: str | None = None  # a warning status, or why it failed
     transient: bool = False  # a failure worth another try (out of resources, no answer)
+    syntax: str | None = None  # the transfer syntax it went out in, where it was sent
 
 
 @dataclass

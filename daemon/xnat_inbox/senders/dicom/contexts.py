@@ -1,28 +1,33 @@
 """Presentation contexts from the study itself: one per SOP class for little endian files
-(offering both little endian syntaxes, which pynetdicom converts into each other), one per SOP
-class and transfer syntax for every other syntax; a study needing more than an association
-carries is split over several.
+(offering both little endian syntaxes, which the sender converts into each other), one per SOP
+class and transfer syntax for every other syntax, beside the little endian pair of its SOP
+class (what a file can be transcoded to); a study needing more than an association carries is
+split over several. With `transcode: uncompressed` only the little endian pair is proposed.
 
-And the one place that decides, from the receiver's answer, which instances go out and in
-which context (`choose`): an instance whose context was refused is refused for good (the same
-proposal gets the same answer), with a reason naming its SOP class, its transfer syntax and
-what the receiver took instead."""
+And the one place that decides, from the receiver's answer and the destination's `transcode`
+policy, which instances go out and in which context (`choose`): the file's own syntax where
+accepted; else, where the policy allows and a decoder here reads the file, an uncompressed
+syntax the receiver took; else the instance is refused for good (the same proposal gets the
+same answer), with a reason naming its SOP class, its transfer syntax and what the receiver
+took instead."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from ...reading.scan import Instance
+from ..transcode import UNCOMPRESSED, missing_decoder, uid_name
 
 #: a DICOM association carries at most 128 presentation contexts
 MAX_CONTEXTS = 128
-#: pynetdicom re-encodes between these two; every other syntax is sent as it is
-CONVERTIBLE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: the sender re-encodes between these two; other syntaxes are decoded into them (transcoded)
+CONVERTIBLE = UNCOMPRESSED
+#: the destination's `transcode` policy (config.DicomDestination)
+WHEN_REFUSED, NEVER, ALWAYS_UNCOMPRESSED = "when_refused", "never", "uncompressed"
 #: A-ASSOCIATE-AC presentation context results (PS3.8 9.3.3.2)
 RESULTS = {1: "refused by the receiver", 2: "refused, no reason given",
            3: "SOP class not supported", 4: "transfer syntax not supported"}
@@ -37,8 +42,12 @@ class ContextKey:
         return [self.transfer_syntax] if self.transfer_syntax else list(CONVERTIBLE)
 
 
-def context_key(instance: Instance) -> ContextKey:
-    syntax = None if instance.transfer_syntax in CONVERTIBLE else instance.transfer_syntax
+def context_key(instance: Instance, policy: str = WHEN_REFUSED) -> ContextKey:
+    """The context an instance is proposed in: its own syntax's, or with `transcode:
+    uncompressed` (and for little endian files) the little endian pair's."""
+    syntax = instance.transfer_syntax
+    if syntax in CONVERTIBLE or policy == ALWAYS_UNCOMPRESSED:
+        return ContextKey(instance.sop_class_uid, None)
     return ContextKey(instance.sop_class_uid, syntax)
 
 
@@ -49,14 +58,14 @@ def _with_fallback(key: ContextKey) -> list[ContextKey]:
     return [key, ContextKey(key.sop_class, None)] if key.transfer_syntax else [key]
 
 
-def association_batches(
-        instances: list[Instance]) -> Iterator[tuple[list[ContextKey], list[Instance]]]:
+def association_batches(instances: list[Instance], policy: str = WHEN_REFUSED
+                        ) -> Iterator[tuple[list[ContextKey], list[Instance]]]:
     """Split a study so each association needs at most MAX_CONTEXTS contexts; a key and its
     little endian fallback stay in the same association."""
     chunks: list[list[ContextKey]] = [[]]
     seen: set[ContextKey] = set()  # in some chunk: its instances go with the first such
     for instance in instances:
-        key = context_key(instance)
+        key = context_key(instance, policy)
         if key in seen:
             continue
         wanted = [k for k in _with_fallback(key) if k not in chunks[-1]]
@@ -68,8 +77,8 @@ def association_batches(
     left = list(instances)
     for chunk in chunks:
         members = set(chunk)
-        batch = [i for i in left if context_key(i) in members]
-        left = [i for i in left if context_key(i) not in members]
+        batch = [i for i in left if context_key(i, policy) in members]
+        left = [i for i in left if context_key(i, policy) not in members]
         if batch:
             yield chunk, batch
 
@@ -108,7 +117,7 @@ class Choice:
     """The accepted context an instance goes out in."""
 
     context_id: int
-    syntax: str  # the instance's own syntax where accepted; else the other little endian one
+    syntax: str  # the instance's own where accepted; else a little endian one (converted)
 
 
 @dataclass(frozen=True)
@@ -119,18 +128,36 @@ class Refusal:
     reason: str
 
 
-def choose(instance: Instance, negotiated: Negotiated) -> Choice | Refusal:
-    """The context to send this instance in: its own syntax first (no conversion); or why the
-    receiver's answer leaves it none."""
-    key = context_key(instance)
-    for syntax in sorted(key.proposed_syntaxes(),
-                         key=lambda syntax: syntax != instance.transfer_syntax):
-        if (key.sop_class, syntax) in negotiated.accepted:
-            return Choice(negotiated.accepted[key.sop_class, syntax], syntax)
-    return Refusal(_refusal(key, negotiated))
+def choose(instance: Instance, negotiated: Negotiated,
+           policy: str = WHEN_REFUSED) -> Choice | Refusal:
+    """The context to send this instance in: its own syntax first (no conversion), then the
+    other little endian one for a little endian file, then, where `policy` allows and a
+    decoder here reads the file, an uncompressed syntax the receiver took; or why none."""
+    own, sop = instance.transfer_syntax, instance.sop_class_uid
+    if (own in CONVERTIBLE or policy != ALWAYS_UNCOMPRESSED) \
+            and (sop, own) in negotiated.accepted:
+        return Choice(negotiated.accepted[sop, own], own)
+    taken = [syntax for syntax in CONVERTIBLE if (sop, syntax) in negotiated.accepted]
+    if taken and (own in CONVERTIBLE or policy != NEVER):
+        why = missing_decoder(own)
+        if why:
+            return Refusal(_undecodable(instance, negotiated, taken[0], why, policy))
+        return Choice(negotiated.accepted[sop, taken[0]], taken[0])
+    return Refusal(_refusal(context_key(instance, policy), negotiated, policy))
 
 
-def _refusal(key: ContextKey, negotiated: Negotiated) -> str:
+def _undecodable(instance: Instance, negotiated: Negotiated, taken: str, why: str,
+                 policy: str) -> str:
+    sop, own = uid_name(instance.sop_class_uid), uid_name(instance.transfer_syntax)
+    if policy == ALWAYS_UNCOMPRESSED:
+        what = f"{sop} is sent uncompressed to {negotiated.where} (transcode: uncompressed)"
+    else:
+        what = f"{negotiated.where} does not accept {sop} in {own}"
+    return (f"{what}, but {why}: not sent; have the receiver accept {own}, or convert these "
+            f"files to {uid_name(taken)} with a tool that reads them")
+
+
+def _refusal(key: ContextKey, negotiated: Negotiated, policy: str = WHEN_REFUSED) -> str:
     sop = uid_name(key.sop_class)
     syntax = uid_name(key.transfer_syntax) if key.transfer_syntax else \
         "Explicit or Implicit VR Little Endian"
@@ -141,13 +168,22 @@ def _refusal(key: ContextKey, negotiated: Negotiated) -> str:
     else:
         why = f" ({RESULTS[result]})" if result in RESULTS else ""
         what, remedy = f"{sop} in {syntax}{why}", "this transfer syntax"
-    if takes:
+    uncompressed = [s for s in takes if s in CONVERTIBLE]
+    if takes and policy == NEVER and key.transfer_syntax and uncompressed:
+        instead = (f"; it takes that SOP class in {', '.join(uid_name(s) for s in takes)}, "
+                   "and this destination has transcode: never")
+        remedy += " (or set transcode: when_refused, to send them decoded)"
+    elif takes:
         instead = f"; it takes that SOP class in {', '.join(uid_name(s) for s in takes)}"
+        if key.transfer_syntax and policy != NEVER:
+            instead += ", not in an uncompressed syntax these files could be decoded to"
         remedy += " (or send these files in a syntax it takes)"
     elif negotiated.accepted:
         instead = "; it took no context for that SOP class"
     else:
         instead = "; it took none of the contexts proposed"
+    if policy == ALWAYS_UNCOMPRESSED and not key.transfer_syntax:
+        instead += " (transcode: uncompressed proposes only those)"
     return (f"{negotiated.where} does not accept {what}{instead}: not sent, and no retry "
             f"will change that; have the receiver accept {remedy}")
 
@@ -156,9 +192,3 @@ def _key_of(context: PresentationContext) -> ContextKey:
     syntaxes = [str(syntax) for syntax in context.transfer_syntax]
     own = None if set(syntaxes) == set(CONVERTIBLE) else syntaxes[0]
     return ContextKey(str(context.abstract_syntax), own)
-
-
-def uid_name(uid: str) -> str:
-    """A SOP class or transfer syntax as people know it, with its UID."""
-    name = UID(uid).name
-    return f"{name} ({uid})" if name and name != uid else uid

@@ -1,5 +1,7 @@
 """The outgoing copy of an instance when it can't be spliced: its header decoded, transformed
-(de-identification), given the routing string and encoded again."""
+(de-identification), given the routing string and encoded again; or, converted to another
+transfer syntax, the whole dataset decoded (its pixel data too where it is big endian or
+compressed: transcoded) and encoded around the pixel bytes."""
 
 from __future__ import annotations
 
@@ -12,12 +14,13 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRBigEndian
 
 from ...reading.dataset import ElementTooLarge, check_decodable, read_dataset
 from ...reading.scan import Instance
 from ...reading.trailer import read_without_pixels, tail_offset
 from ...routing.route import RoutedStudy
+from ..transcode import PIXEL_DATA, decode, pixel_element, pixels_decoded, to_little_endian
 
 
 class EncodingProblem(ValueError):
@@ -69,6 +72,54 @@ def outgoing_copy(instance: Instance, study: RoutedStudy, fp: BinaryIO, size: in
                       syntax.is_little_endian)
     return Outgoing(encoded[:cut], pixels.start, pixels.end, encoded[cut:],
                     str(dataset.SOPInstanceUID))
+
+
+@dataclass(frozen=True)
+class Converted:
+    """An instance encoded in another transfer syntax: `head`, then `pixels` (decoded pixel
+    data, or empty when they are inside `head`), then `tail`."""
+
+    head: bytes
+    pixels: bytearray | bytes
+    tail: bytes
+    sop_instance_uid: str
+
+
+class PixelReader:
+    """Decoded pixel data read like a file by the wire, in slices, never copied whole."""
+
+    def __init__(self, data: bytearray | bytes) -> None:
+        self._view, self._at = memoryview(data), 0
+
+    def read(self, size: int) -> memoryview:
+        piece = self._view[self._at:self._at + size]
+        self._at += len(piece)
+        return piece
+
+
+def converted_copy(instance: Instance, study: RoutedStudy, fp: BinaryIO, syntax: str,
+                   max_bytes: int) -> Converted:
+    """The instance in `syntax`: read whole; big endian or compressed pixel data decoded (at
+    most `max_bytes` of it, TranscodeRefused otherwise); transformed and routed; encoded."""
+    fp.seek(0)
+    dataset = read_dataset(fp, whole=True)
+    check_decodable(dataset)
+    own = instance.transfer_syntax
+    decoded = decode(dataset, own, max_bytes) \
+        if pixels_decoded(own) and "PixelData" in dataset else None
+    if own == ExplicitVRBigEndian:
+        to_little_endian(dataset)
+    dataset.file_meta.TransferSyntaxUID = UID(syntax)
+    _finish(dataset, instance, study)
+    _read_deferred(dataset, fp)
+    encoded = encode_dataset(dataset, syntax)
+    if decoded is None:  # the little endian pair or deflated re-encoded, pixel data and all
+        return Converted(encoded, b"", b"", str(dataset.SOPInstanceUID))
+    uid = UID(syntax)
+    cut = tail_offset(encoded, dataset.keys(), PIXEL_DATA, uid.is_implicit_VR,
+                      uid.is_little_endian)
+    head = encoded[:cut] + pixel_element(syntax, decoded.vr, len(decoded.pixels))
+    return Converted(head, decoded.pixels, encoded[cut:], str(dataset.SOPInstanceUID))
 
 
 def outgoing_header(instance: Instance, study: RoutedStudy, fp: BinaryIO, *,

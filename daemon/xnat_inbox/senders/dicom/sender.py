@@ -23,11 +23,12 @@ from ...logs import get_logger
 from ...reading.scan import Instance
 from ...routing.route import RoutedStudy
 from ..base import Delivery, InstanceOutcome, OnInstance, OnProgress, SendError, ShouldStop
+from ..transcode import TranscodeRefused, uid_name
 from .contexts import Choice, Negotiated, Refusal, association_batches, choose
-from .outgoing import EncodingProblem, encode_dataset, outgoing_copy, outgoing_header
+from .outgoing import EncodingProblem, PixelReader, converted_copy, outgoing_copy
 from .pool import IdleAssociations
 from .splice import routing_splice
-from .wire import StoreStatus, Wire, WireError, tune
+from .wire import Readable, StoreStatus, Wire, WireError, tune
 
 log = get_logger(step="send")
 
@@ -115,7 +116,7 @@ class DicomSender:
         # on_instance already reports each C-STORE as it is acknowledged: no on_progress
         delivery = Delivery(self.name)
         started = time.monotonic()
-        for keys, batch in association_batches(instances):
+        for keys, batch in association_batches(instances, self.destination.transcode):
             contexts = [build_context(k.sop_class, k.proposed_syntaxes()) for k in keys]
             key = frozenset(keys)
             wanted = max(1, min(self.destination.associations, len(batch)))
@@ -155,7 +156,7 @@ class DicomSender:
         class or transfer syntax refused); the others, to send."""
         sendable = []
         for instance in batch:
-            choice = choose(instance, negotiated)
+            choice = choose(instance, negotiated, self.destination.transcode)
             if isinstance(choice, Refusal):
                 self._report(delivery, instance, InstanceOutcome(False, None, choice.reason),
                              on_instance)
@@ -281,7 +282,8 @@ class _Lane:
         self.wire.failure = self.wire.failure or reason
 
     def store(self, study: RoutedStudy, instance: Instance) -> InstanceOutcome:
-        choice = choose(instance, self.negotiated)
+        destination = self.sender.destination
+        choice = choose(instance, self.negotiated, destination.transcode)
         if not isinstance(choice, Choice):  # refused before sending, unless this lane's
             return InstanceOutcome(False, None, choice.reason)  # receiver answered otherwise
         context_id, syntax = choice.context_id, choice.syntax
@@ -291,6 +293,7 @@ class _Lane:
                 sop_uid = instance.sop_instance_uid
                 tail = b""
                 splice = None
+                body: Readable
                 if syntax == instance.transfer_syntax and study.transform is None:
                     splice = routing_splice(fp, instance, study)
                 if splice is not None:
@@ -306,12 +309,13 @@ class _Lane:
                     head, tail, sop_uid = copy.head, copy.tail, copy.sop_instance_uid
                     fp.seek(copy.start)
                     body, remaining = fp, copy.end - copy.start
-                else:  # the little endian pair converted, or deflated: decode it all
-                    fp.seek(0)
-                    whole = outgoing_header(instance, study, fp, whole=True)
-                    head = encode_dataset(whole, syntax)
-                    body, remaining = None, 0
-                    sop_uid = str(whole.SOPInstanceUID)
+                else:  # converted (transcoded where the pixel data is decoded), or deflated:
+                    # the whole dataset decoded and encoded, never spliced
+                    converted = converted_copy(instance, study, fp, syntax,
+                                               destination.transcode_max_bytes)
+                    head, tail = converted.head, converted.tail
+                    body, remaining = PixelReader(converted.pixels), len(converted.pixels)
+                    sop_uid = converted.sop_instance_uid
                 # the command must name the instance the dataset carries, or 0xA900
                 status = self.wire.store(context_id, instance.sop_class_uid, sop_uid, head,
                                          body, remaining, tail)
@@ -325,9 +329,12 @@ class _Lane:
                                    transient=True)
         except EncodingProblem as exc:
             return InstanceOutcome(False, None, f"cannot send {instance.rel}: {exc}")
+        except TranscodeRefused as exc:
+            return InstanceOutcome(False, None, f"cannot send {instance.rel} to "
+                                   f"{self.sender.where} in {uid_name(syntax)}: {exc}")
         except (OSError, InvalidDicomError, ValueError, EOFError, AttributeError) as exc:
             return InstanceOutcome(False, None, f"cannot read {instance.rel}: {exc}")
-        return _outcome(status)
+        return _outcome(status, syntax)
 
     def close(self) -> None:
         failed = self.wire.failure is not None
@@ -339,13 +346,14 @@ class _Lane:
             self.assoc.release()
 
 
-def _outcome(status: StoreStatus) -> InstanceOutcome:
+def _outcome(status: StoreStatus, syntax: str) -> InstanceOutcome:
     code = status.code
     category = code_to_category(code)
     if category == "Success":
-        return InstanceOutcome(True, code)
+        return InstanceOutcome(True, code, syntax=syntax)
     if category == "Warning":
-        return InstanceOutcome(True, code, f"stored with warning {_describe_status(status)}")
+        return InstanceOutcome(True, code, f"stored with warning {_describe_status(status)}",
+                               syntax=syntax)
     # 0xA7xx: out of resources, the receiver's way of saying "later"
     return InstanceOutcome(False, code, f"refused: {_describe_status(status)}",
                            transient=code & 0xFF00 == 0xA700)

@@ -8,7 +8,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from pynetdicom.association import Association
 
@@ -33,6 +33,12 @@ IOV_BATCH = 256
 READ_SIZE = 1 << 20
 #: pynetdicom's DUL thread polls every _run_loop_delay (1 ms); while parked, every 20 ms
 PARKED_LOOP_DELAY = 0.02
+
+
+class Readable(Protocol):
+    """Where a data set's bulk comes from: the file itself, or decoded pixel data."""
+
+    def read(self, size: int, /) -> bytes | memoryview: ...
 
 
 class StoreStatus(NamedTuple):
@@ -95,7 +101,7 @@ class Wire:
         self.assoc._reactor_checkpoint.set()
 
     def store(self, context_id: int, sop_class: str, sop_instance: str, head: bytes,
-              body: BinaryIO | None, remaining: int, tail: bytes = b"") -> StoreStatus:
+              body: Readable | None, remaining: int, tail: bytes = b"") -> StoreStatus:
         """C-STORE `head`, `remaining` bytes of `body`, then `tail`; the receiver's answer."""
         if self.failure:
             raise WireError(self.failure)
@@ -122,7 +128,7 @@ class Wire:
             self.failure = str(exc)
             raise WireError(f"{exc.strerror or exc}") from None
 
-    def _pdvs(self, context_id: int, control: int, head: memoryview, body: BinaryIO | None,
+    def _pdvs(self, context_id: int, control: int, head: memoryview, body: Readable | None,
               remaining: int, tail: bytes = b"") -> Iterator[bytes | memoryview]:
         """(head + `remaining` bytes of body + tail) as P-DATA-TF PDUs of one PDV each: each
         PDU's header, then its value as one or two slices of the buffers read (a value may span

@@ -10,13 +10,14 @@ import threading
 import time
 from collections.abc import Callable, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ...config import XnatDestination
 from ...logs import get_logger
 from ...reading.scan import Instance
 from ...routing.route import RoutedStudy
 from ..base import Delivery, InstanceOutcome, OnInstance, SendError, ShouldStop
+from ..transcode import UNCOMPRESSED, refusal_before_decoding
 from .readback import (
     FAILED_STATES,
     Expected,
@@ -50,6 +51,8 @@ class Plan:
     overwrite: str
     ignore_unparsable: bool
     transform: Transform | None = None  # de-identification of each file's copy (the route's)
+    decode_max: int | None = None  # transcode: uncompressed, within transcode_max_bytes
+    left_out: frozenset[str] = frozenset()  # SOPInstanceUIDs not sent (can't be decoded)
 
     @property
     def archive_uri(self) -> str:
@@ -129,6 +132,19 @@ class XnatSender:
         started = time.monotonic()
         plan = self.plan(study)
         progress = Progress(on_progress)
+        if plan.decode_max is not None:  # those this host can't decode fail alone, for good
+            refused = {i.sop_instance_uid: why for i in instances
+                       if (why := refusal_before_decoding(i, plan.decode_max))}
+            for instance in [i for i in instances if i.sop_instance_uid in refused]:
+                outcome = InstanceOutcome(False, None, f"cannot send {instance.rel} "
+                                          f"uncompressed: {refused[instance.sop_instance_uid]}")
+                delivery.outcomes[instance.sop_instance_uid] = outcome
+                if on_instance:
+                    on_instance(instance, outcome)
+            instances = [i for i in instances if i.sop_instance_uid not in refused]
+            plan = replace(plan, left_out=frozenset(refused))
+            if not instances:
+                return delivery
         try:
             where = self._deliver(plan, study, instances, progress, should_stop)
         except StopUpload:
@@ -144,7 +160,10 @@ class XnatSender:
         else:
             log.info("xnat delivered", destination=self.name, uri=where, files=progress.files)
             for instance in instances:
-                outcome = InstanceOutcome(True)
+                syntax = instance.transfer_syntax
+                if plan.decode_max is not None and syntax not in UNCOMPRESSED:
+                    syntax = UNCOMPRESSED[0]  # Explicit VR Little Endian
+                outcome = InstanceOutcome(True, syntax=syntax)
                 delivery.outcomes[instance.sop_instance_uid] = outcome
                 if on_instance:
                     on_instance(instance, outcome)
@@ -158,7 +177,8 @@ class XnatSender:
         route, d = study.template, self.destination
         return Plan(study.labels.project, study.labels.subject, study.labels.session,
                     route.dest or d.dest, route.overwrite or d.overwrite,
-                    bool(route.ignore_unparsable), study.transform)
+                    bool(route.ignore_unparsable), study.transform,
+                    d.transcode_max_bytes if d.transcode == "uncompressed" else None)
 
     @staticmethod
     def _key(plan: Plan, study: RoutedStudy) -> str:
@@ -287,8 +307,8 @@ class XnatSender:
 
     def _upload_one(self, plan: Plan, group: list[Instance], progress: Progress,
                     should_stop: ShouldStop | None) -> str:
-        members = [Member(instance.rel, instance.path, instance.size, plan.transform, instance.open)
-                   for instance in group]
+        members = [Member(instance.rel, instance.path, instance.size, plan.transform, instance.open,
+                          instance.transfer_syntax, plan.decode_max) for instance in group]
         params = {"import-handler": "DICOM-zip", "PROJECT_ID": plan.project,
                   "SUBJECT_ID": plan.subject, "EXPT_LABEL": plan.session,
                   "prevent_auto_commit": "true",
@@ -350,6 +370,8 @@ class XnatSender:
         expected = Expected()
         remap = study.uid_map or (lambda uid: uid)  # XNAT holds the de-identified series UIDs
         for instance in study.instances:
+            if instance.sop_instance_uid in plan.left_out:
+                continue
             expected.add(remap(instance.series_uid), instance.series_number, instance.size)
         found = held(self.client, where)
         missing = shortfall(expected, found)

@@ -28,9 +28,23 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
 from stream_zip import ZIP_32, ZIP_64, stream_zip
 
 from ...reading.dataset import ElementTooLarge, check_decodable, read_dataset
+from ...reading.trailer import tail_offset
+from ..transcode import (
+    PIXEL_DATA,
+    Decoded,
+    TranscodeRefused,
+    decode,
+    is_uncompressed,
+    pixel_element,
+    pixels_decoded,
+    to_little_endian,
+)
 
 CHUNK = 1 << 20
 #: files up to this size are read once, whole: one open and one read per file, and only one
@@ -61,9 +75,23 @@ class Member:
     size: int
     transform: Transform | None = None
     opener: Callable[[], BinaryIO] | None = None
+    syntax: str = ""  # the file's transfer syntax
+    #: `transcode: uncompressed`: a file not little endian goes as Explicit VR Little Endian,
+    #: its pixel data decoded if at most this many bytes (None: every file as it is)
+    decode_max: int | None = None
 
     def open(self) -> BinaryIO:
         return self.opener() if self.opener is not None else open(self.path, "rb")
+
+    @property
+    def rewritten(self) -> bool:
+        """Whether the entry is a rewritten copy (de-identified, or converted), not the file."""
+        return self.transform is not None or self.converted
+
+    @property
+    def converted(self) -> bool:
+        return self.decode_max is not None and bool(self.syntax) \
+            and not is_uncompressed(self.syntax)
 
 
 @dataclass
@@ -102,9 +130,10 @@ def _entry(member: Member, big: bool, counter: Counter, after: Hook | None,
     if should_stop and should_stop():
         raise StopUpload("stop requested")
     method = ZIP_64 if big else ZIP_32
-    if member.transform is not None:
+    if member.rewritten:
         data, modified = _transformed(member)
-        return member.name, modified, MODE, method, _counted(_pieces(data), member, counter, after)
+        return member.name, modified, MODE, method, _counted(_all_pieces(data), member, counter,
+                                                             after)
     try:
         stream = member.open()
     except OSError as exc:
@@ -164,9 +193,12 @@ def _stored_zip(members: list[Member], big: bool, counter: Counter, after: Hook 
 
 def _stored_source(member: Member) -> tuple[int, int, datetime, Iterable[bytes]]:
     """Size, CRC, mtime and the bytes of one STORED entry."""
-    if member.transform is not None:
+    if member.rewritten:
         data, modified = _transformed(member)
-        return len(data), zlib.crc32(data), modified, _pieces(data)
+        crc = 0
+        for piece in data:
+            crc = zlib.crc32(piece, crc)
+        return sum(len(piece) for piece in data), crc, modified, _all_pieces(data)
     try:
         if member.size <= WHOLE_READ:
             data, modified = _read_whole(member)
@@ -175,6 +207,16 @@ def _stored_source(member: Member) -> tuple[int, int, datetime, Iterable[bytes]]
     except OSError as exc:
         raise LocalFileError(f"cannot read {member.name}: {exc.strerror}") from None
     return member.size, crc, modified, _checked(member, crc)
+
+
+def _all_pieces(data: list[bytes | memoryview]) -> Iterator[bytes]:
+    """A rewritten copy's parts in CHUNK pieces, as bytes (the HTTP stack's and zlib's type)."""
+    for part in data:
+        if isinstance(part, bytes):
+            yield from _pieces(part)
+        else:
+            for start in range(0, len(part), CHUNK):
+                yield bytes(part[start:start + CHUNK])
 
 
 def _pieces(data: bytes) -> Iterable[bytes]:
@@ -244,25 +286,64 @@ def _counted(pieces: Iterable[bytes], member: Member, counter: Counter,
         after(member)
 
 
-def _transformed(member: Member) -> tuple[bytes, datetime]:
-    """The rewritten copy's bytes (read with pydicom, transformed, written to memory) and the
-    original's mtime."""
-    assert member.transform is not None
+def _transformed(member: Member) -> tuple[list[bytes | memoryview], datetime]:
+    """The rewritten copy's bytes (read with pydicom, converted where asked, transformed,
+    written to memory; decoded pixel data kept in its own buffer) and the original's mtime."""
+    what = "de-identify" if member.transform is not None else "decode"
     try:
         with member.open() as stream:
             modified = datetime.fromtimestamp(os.fstat(stream.fileno()).st_mtime)
             dataset = read_dataset(stream, whole=True)
-            member.transform(dataset)
             check_decodable(dataset)
-            buffer = io.BytesIO()
-            dataset.save_as(buffer, enforce_file_format=True)
+            decoded = _converted(member, dataset) if member.converted else None
+            if member.transform is not None:
+                member.transform(dataset)
+            check_decodable(dataset)
+            data = _encoded(dataset, decoded, member.converted)
     except OSError as exc:
         raise LocalFileError(f"cannot read {member.name}: {exc.strerror}") from None
-    except ElementTooLarge as exc:
-        raise LocalFileError(f"cannot de-identify {member.name}: {exc}") from None
+    except (ElementTooLarge, TranscodeRefused) as exc:
+        raise LocalFileError(f"cannot {what} {member.name}: {exc}") from None
     except Exception as exc:  # pydicom's errors on a file it can't rewrite
-        raise LocalFileError(f"cannot de-identify {member.name}: {type(exc).__name__}") from None
-    return buffer.getvalue(), modified
+        raise LocalFileError(f"cannot {what} {member.name}: {type(exc).__name__}") from None
+    return data, modified
+
+
+def _converted(member: Member, dataset: Dataset) -> Decoded | None:
+    """A file that isn't little endian made Explicit VR Little Endian: its pixel data decoded
+    (returned apart) where big endian or compressed, within member.decode_max."""
+    assert member.decode_max is not None
+    decoded = None
+    if pixels_decoded(member.syntax) and "PixelData" in dataset:
+        decoded = decode(dataset, member.syntax, member.decode_max)
+    if member.syntax == ExplicitVRBigEndian:
+        to_little_endian(dataset)
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return decoded
+
+
+def _encoded(dataset: Dataset, decoded: Decoded | None, converted: bool
+             ) -> list[bytes | memoryview]:
+    """A Part 10 file of the dataset: in its own syntax, or converted to Explicit VR Little
+    Endian (pydicom's save_as won't turn big endian into little), decoded pixel data apart."""
+    if not converted:
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        return [buffer.getvalue()]
+    meta = DicomBytesIO()
+    meta.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(meta, dataset.file_meta, enforce_standard=True)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, dataset)
+    encoded = body.getvalue()
+    if decoded is None:
+        return [meta.getvalue() + encoded]
+    cut = tail_offset(encoded, dataset.keys(), PIXEL_DATA, False, True)
+    pixels = decoded.pixels
+    return [meta.getvalue() + encoded[:cut]
+            + pixel_element(ExplicitVRLittleEndian, decoded.vr, len(pixels)),
+            memoryview(pixels), encoded[cut:]]
 
 
 def crc_and_mtime(member: Member) -> tuple[int, datetime]:
