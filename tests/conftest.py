@@ -29,6 +29,13 @@ def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
 
 
 @pytest.fixture
+def uncompressed_scp(tmp_path: Path) -> Iterator[StoreSCP]:
+    """storescp as Debian starts it: without +xa, uncompressed syntaxes only (big endian too)."""
+    with StoreSCP(tmp_path, syntaxes="") as peer:
+        yield peer
+
+
+@pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     with Orthanc(tmp_path) as peer:
         yield peer

@@ -9,7 +9,6 @@ import sqlite3
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,13 +31,6 @@ ROUTE = {"project": "Proj", "subject": "{PatientID}", "session": "{PatientID}_{S
          "series": None}
 JPEG2000 = "1.2.840.10008.1.2.4.91"
 JPEG_LOSSLESS = "1.2.840.10008.1.2.4.70"
-
-
-@pytest.fixture
-def uncompressed_scp(tmp_path: Path) -> Iterator[StoreSCP]:
-    """storescp as Debian starts it: without +xa, uncompressed transfer syntaxes only."""
-    with StoreSCP(tmp_path, syntaxes="") as peer:
-        yield peer
 
 
 def site(tmp_path: Path, peer: object, **destination: object) -> tuple[Path, Path]:

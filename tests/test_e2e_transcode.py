@@ -8,7 +8,6 @@ the original, frame by frame."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,34 +28,21 @@ from tests.conftest import checksums
 from tests.daemon_runner import dicom_destination, wait_for_report, write_config
 from tests.peers import Orthanc, StoreSCP
 from tests.test_e2e_cstore import copy_in
-from tests.test_e2e_refused import never_failing, wait_event
+from tests.test_e2e_refused import (  # the same site, storescp as Debian starts it, patience
+    PATIENT,
+    ROUTE,
+    SETTLE,
+    never_failing,
+    site,
+    wait_event,
+)
 from tests.transcode_files import KINDS, LOSSY, MPEG2, Made, decoded, make_drop
 
 pytestmark = pytest.mark.e2e
 
-SETTLE = 0.5
-ROUTE = {"project": "Proj", "subject": "{PatientID}", "session": "{PatientID}_{StudyDate}",
-         "series": None}
-PATIENT = {"max_attempts": 100, "initial_backoff": 30, "max_backoff": 900}
 #: every kind a decoder here reads
 DECODABLE = [kind for kind in KINDS if kind != "mpeg2"]
 COMPRESSED = [kind for kind in DECODABLE if kind not in ("plain", "big_endian", "deflated")]
-
-
-@pytest.fixture
-def uncompressed_scp(tmp_path: Path) -> Iterator[StoreSCP]:
-    """storescp as Debian starts it: without +xa, uncompressed syntaxes only (big endian too)."""
-    with StoreSCP(tmp_path, syntaxes="") as peer:
-        yield peer
-
-
-def site(tmp_path: Path, peer: Any, **destination: Any) -> tuple[Path, Path]:
-    inbox = tmp_path / "inbox"
-    config = write_config(
-        tmp_path, {"scp": dicom_destination(peer, retry=PATIENT, **destination)},
-        [{"path": str(inbox), "route": {"destination": "scp", **ROUTE}}],
-        settle_seconds=SETTLE)
-    return config, inbox
 
 
 def deliver(tmp_path: Path, daemon: Any, config: Path, inbox: Path, kinds: list[str],
