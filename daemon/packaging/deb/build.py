@@ -180,12 +180,15 @@ def shlib_depends(root: Path) -> list[str]:
     """dpkg-shlibdeps over the compiled modules: the Debian packages of the libraries they
     link (libc6, libstdc++6, libsystemd0, ...)."""
     objects = [str(p) for p in root.rglob("*.so") if p.is_file()]
+    # wheels bring their own copies of some libraries (numpy.libs/ …): those are ours, found
+    # beside the modules; Debian has no dependency information for them, nor needs any
+    private = sorted({f"-l{p.parent}" for p in root.rglob("*.libs/*.so*") if p.is_file()})
     with tempfile.TemporaryDirectory() as work:
         Path(work, "debian").mkdir()
         Path(work, "debian/control").write_text(
             f"Source: {NAME}\n\nPackage: {NAME}\nArchitecture: any\n")
-        out = run("dpkg-shlibdeps", "-O", "--warnings=0", *objects, cwd=work,
-                  capture_output=True).stdout
+        out = run("dpkg-shlibdeps", "-O", "--warnings=0", "--ignore-missing-info", *private,
+                  *objects, cwd=work, capture_output=True).stdout
     found = re.search(r"^shlibs:Depends=(.*)$", out, re.M)
     return [d.strip() for d in found.group(1).split(",")] if found else []
 
