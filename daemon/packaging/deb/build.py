@@ -95,9 +95,11 @@ def make_venv(interpreter: Path, venv: Path, wheel: Path) -> None:
     run(*pip, "uninstall", "--yes", "pip", "setuptools")
     for record in venv.glob("lib/python3*/site-packages/*.dist-info/direct_url.json"):
         record.unlink()  # names the wheel's path on the build machine
-    # as dh_strip does: the compiled modules' symbols and debug info (18 MB to 9 MB)
+    # as dh_strip does: the compiled modules' symbols and debug info (18 MB to 9 MB). Not the
+    # libraries a wheel brings along in *.libs/: auditwheel rewrote those with patchelf, and
+    # strip leaves them unloadable ("ELF load command address/offset not page-aligned")
     run("strip", "--strip-unneeded", "--remove-section=.comment", "--remove-section=.note",
-        *venv.rglob("*.so"))
+        *(so for so in venv.rglob("*.so") if not so.parent.name.endswith(".libs")))
 
 
 def move_to_prefix(venv: Path, root: Path) -> None:
